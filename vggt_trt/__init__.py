@@ -1,0 +1,3 @@
+"""vggt-trt: VGGT to ONNX and TensorRT, and point clouds from the engines."""
+
+__version__ = "0.1.0"
