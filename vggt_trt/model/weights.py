@@ -82,7 +82,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
         raise InputError(f"weights not found: {source} is neither a file, a directory nor a hub id like facebook/VGGT-1B")
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError as e:
         raise WeightsError("downloading from the hub needs huggingface_hub: pip install huggingface_hub") from e
     last_error: Exception | None = None
@@ -90,14 +90,21 @@ def resolve_checkpoint(source: str | Path) -> Path:
         try:
             return Path(hf_hub_download(repo_id=str(source), filename=name))
         except EntryNotFoundError as e:
-            last_error = e
+            if not isinstance(e, LocalEntryNotFoundError):
+                last_error = e
+                continue
+            raise WeightsError(_offline_message(source, e)) from e
         except Exception as e:  # noqa: BLE001 - offline / auth / network errors all end the same way
-            raise WeightsError(
-                f"cannot download {source} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                f"When offline, pass a local file with --weights PATH/model.safetensors (or model.pt), "
-                f"or a downloaded snapshot directory, or use --random-init."
-            ) from e
+            raise WeightsError(_offline_message(source, e)) from e
     raise WeightsError(f"{source} on the hub has none of {CHECKPOINT_NAMES[:2]}: {last_error}")
+
+
+def _offline_message(source: str | Path, e: Exception) -> str:
+    return (
+        f"cannot download {source} from the Hugging Face hub ({type(e).__name__}: {e}). "
+        f"When offline, pass a local file with --weights PATH/model.safetensors (or model.pt), "
+        f"or a downloaded snapshot directory, or use --random-init."
+    )
 
 
 @torch.no_grad()
