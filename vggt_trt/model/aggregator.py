@@ -79,10 +79,10 @@ class Aggregator(nn.Module):
         rope = None
         if cfg.rope_freq > 0:
             rope = RopeTables.for_grid(
-                H // cfg.patch_size, W // cfg.patch_size, cfg.patch_start_idx, cfg.head_dim, cfg.rope_freq,
+                int(H) // cfg.patch_size, int(W) // cfg.patch_size, cfg.patch_start_idx, cfg.head_dim, cfg.rope_freq,
                 tokens.device, torch.float32,
             )
-        rope_global = rope.repeat(S) if rope is not None else None
+        rope_global = rope.repeat(int(S)) if rope is not None else None
 
         outputs: dict[int, torch.Tensor] = {}
         frame_idx = global_idx = layer = 0

@@ -81,6 +81,7 @@ class DinoVisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Pos-embed [1, 1+P, C] for an image of height x width pixels."""
+        height, width = int(height), int(width)
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         n = self.pos_embed.shape[1] - 1
         if grid_h * grid_w == n and height == width:

@@ -143,12 +143,12 @@ class DPTHead(nn.Module):
 
     @staticmethod
     def _add_pos_embed(x: torch.Tensor, aspect_ratio: float, ratio: float = 0.1) -> torch.Tensor:
-        emb = uv_pos_embed(x.shape[-2], x.shape[-1], x.shape[1], aspect_ratio)
+        emb = uv_pos_embed(int(x.shape[-2]), int(x.shape[-1]), int(x.shape[1]), aspect_ratio)
         return x + torch.from_numpy(emb * np.float32(ratio)).to(device=x.device, dtype=x.dtype)[None]
 
     def features(self, layers: Mapping[int, torch.Tensor], image_hw: tuple[int, int], patch_start_idx: int):
         """Fused DPT feature before ``output_conv2`` [B*S, features//2, H, W]."""
-        H, W = image_hw
+        H, W = int(image_hw[0]), int(image_hw[1])
         ph, pw = H // self.patch_size, W // self.patch_size
         aspect = W / H
         pyramid = []
