@@ -46,6 +46,18 @@ def time_forward(model, images, outputs, context, warmup: int, iters: int) -> di
     }
 
 
+def profile_top_kernels(model, images, outputs, context, top: int = 25) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with context():
+            model(images, outputs=outputs)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda e: e.device_time_total, reverse=True)
+    return [{"name": e.key[:120], "calls": e.count, "cuda_ms": e.device_time_total / 1000} for e in rows[:top]]
+
+
 def rel_errors(ref: dict, test: dict) -> dict:
     out = {}
     for k in ref:
@@ -64,6 +76,7 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=[
         "pcd:bf16-autocast", "pcd:bf16", "pcd:bf16+compile", "full:bf16-autocast", "pcd:fp32", "full:fp32"])
     p.add_argument("--json", type=Path)
+    p.add_argument("--profile", help="mode to profile with torch.profiler (top CUDA kernels written beside --json)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -84,7 +97,7 @@ def main() -> int:
         context = apply_precision(model, prec)
         runner = model
         if compile_:
-            runner = torch.compile(model, mode="max-autotune-no-cudagraphs", dynamic=False)
+            runner = torch.compile(model, dynamic=False)
         t1 = time.perf_counter()
         r = time_forward(runner, images, outputs, context, args.warmup, args.iters)
         r["wall_incl_warmup_s"] = time.perf_counter() - t1
@@ -94,6 +107,8 @@ def main() -> int:
         if which in references and prec != "fp32":
             r["error_vs_fp32"] = rel_errors(references[which], outs)
         results["modes"][mode] = r
+        if args.profile == mode:
+            results["profile"] = profile_top_kernels(runner, images, outputs, context)
         print(f"{mode:24s} median {r['median_ms']:8.1f} ms  p90 {r['p90_ms']:8.1f} ms  peak {r['peak_mem_gib']:.2f} GiB", flush=True)
         del model, runner
         torch.cuda.empty_cache()

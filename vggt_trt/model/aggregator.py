@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import VGGTConfig
 from .dino import DinoVisionTransformer, PatchEmbed
-from .layers import Block, RopeTables
+from .layers import Block, RopeTables, shape_constant
 
 _RESNET_MEAN = (0.485, 0.456, 0.406)
 _RESNET_STD = (0.229, 0.224, 0.225)
@@ -76,13 +76,13 @@ class Aggregator(nn.Module):
             dim=1,
         )
         P, C = tokens.shape[1], tokens.shape[2]
-        rope = None
+        rope = rope_global = None
         if cfg.rope_freq > 0:
-            rope = RopeTables.for_grid(
-                int(H) // cfg.patch_size, int(W) // cfg.patch_size, cfg.patch_start_idx, cfg.head_dim, cfg.rope_freq,
-                tokens.device, torch.float32,
-            )
-        rope_global = rope.repeat(int(S)) if rope is not None else None
+            grid = (int(H) // cfg.patch_size, int(W) // cfg.patch_size)
+            key = ("rope", grid, cfg.patch_start_idx, cfg.head_dim, cfg.rope_freq, tokens.device, dtype)
+            rope = shape_constant(key, lambda: RopeTables.for_grid(
+                *grid, cfg.patch_start_idx, cfg.head_dim, cfg.rope_freq, tokens.device, dtype))
+            rope_global = shape_constant(key + (int(S),), lambda: rope.repeat(int(S)))
 
         outputs: dict[int, torch.Tensor] = {}
         frame_idx = global_idx = layer = 0

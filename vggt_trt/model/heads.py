@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VGGTConfig
-from .layers import Block, Mlp
+from .layers import Block, Mlp, shape_constant
 
 
 def activate_pose(pose_enc: torch.Tensor) -> torch.Tensor:
@@ -89,25 +89,32 @@ def _sincos(pos: np.ndarray, dim: int, omega_0: float = 100.0) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def uv_pos_embed(grid_h: int, grid_w: int, channels: int, aspect_ratio: float) -> np.ndarray:
-    """The DPT's sin/cos embedding of a normalised uv grid, [channels, grid_h, grid_w] float32.
+def uv_pos_embed_tables(grid_h: int, grid_w: int, channels: int, aspect_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """The DPT's sin/cos embedding of a normalised uv grid as two factors, float32.
 
-    Same values as the official ``create_uv_grid`` + ``position_grid_to_embed`` (float32 grid,
-    float64 trigonometry, float32 result), computed once per shape in numpy: graphs get a
-    constant, never float64 ops.
+    Returns (ex [channels/2, 1, W], ey [channels/2, H, 1]); the embedding at (h, w) is
+    concat(ex[:, 0, w], ey[:, h, 0]). Same values as the official ``create_uv_grid`` +
+    ``position_grid_to_embed`` (float32 grid, float64 trigonometry, float32 result), computed
+    in numpy: graphs get two small constants, never float64 ops.
     """
     diag = (aspect_ratio**2 + 1.0) ** 0.5
     span_x, span_y = aspect_ratio / diag, 1.0 / diag
     xs = np.linspace(-span_x * (grid_w - 1) / grid_w, span_x * (grid_w - 1) / grid_w, grid_w).astype(np.float32)
     ys = np.linspace(-span_y * (grid_h - 1) / grid_h, span_y * (grid_h - 1) / grid_h, grid_h).astype(np.float32)
     half = channels // 2
-    ex = _sincos(xs, half).astype(np.float32)  # [W, half]
-    ey = _sincos(ys, half).astype(np.float32)  # [H, half]
-    emb = np.concatenate(
-        [np.broadcast_to(ex.T[:, None, :], (half, grid_h, grid_w)), np.broadcast_to(ey.T[:, :, None], (half, grid_h, grid_w))],
-        axis=0,
-    )
-    return np.ascontiguousarray(emb)
+    ex = _sincos(xs, half).astype(np.float32).T[:, None, :]
+    ey = _sincos(ys, half).astype(np.float32).T[:, :, None]
+    return np.ascontiguousarray(ex), np.ascontiguousarray(ey)
+
+
+def uv_pos_embed(grid_h: int, grid_w: int, channels: int, aspect_ratio: float, device=None, dtype=None,
+                 ratio: float = 1.0) -> torch.Tensor:
+    """[channels, grid_h, grid_w] embedding (times ``ratio``) built on ``device`` from the two factors."""
+    ex, ey = uv_pos_embed_tables(grid_h, grid_w, channels, aspect_ratio)
+    ex_t = torch.from_numpy(ex * np.float32(ratio)).to(device=device, dtype=dtype)
+    ey_t = torch.from_numpy(ey * np.float32(ratio)).to(device=device, dtype=dtype)
+    half = channels // 2
+    return torch.cat([ex_t.expand(half, grid_h, grid_w), ey_t.expand(half, grid_h, grid_w)], dim=0)
 
 
 class DPTHead(nn.Module):
@@ -143,8 +150,8 @@ class DPTHead(nn.Module):
 
     @staticmethod
     def _add_pos_embed(x: torch.Tensor, aspect_ratio: float, ratio: float = 0.1) -> torch.Tensor:
-        emb = uv_pos_embed(int(x.shape[-2]), int(x.shape[-1]), int(x.shape[1]), aspect_ratio)
-        return x + torch.from_numpy(emb * np.float32(ratio)).to(device=x.device, dtype=x.dtype)[None]
+        args = (int(x.shape[-2]), int(x.shape[-1]), int(x.shape[1]), aspect_ratio, x.device, x.dtype, ratio)
+        return x + shape_constant(("uv",) + args, lambda: uv_pos_embed(*args))[None]
 
     def features(self, layers: Mapping[int, torch.Tensor], image_hw: tuple[int, int], patch_start_idx: int):
         """Fused DPT feature before ``output_conv2`` [B*S, features//2, H, W]."""

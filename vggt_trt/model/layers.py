@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Hashable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+_CACHE: dict[Hashable, Any] = {}
+_CACHE_LIMIT = 64
+
+
+def _tracing() -> bool:
+    compiler = torch.compiler
+    return bool(
+        compiler.is_compiling()
+        or (hasattr(compiler, "is_exporting") and compiler.is_exporting())
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+def shape_constant(key: Hashable, build: Callable[[], Any]) -> Any:
+    """``build()`` memoised per key in eager mode; rebuilt while tracing so graphs record it.
+
+    For shape-only constants (RoPE tables, pos-embeds) that would otherwise be rebuilt on the
+    host and copied to the device on every forward.
+    """
+    if _tracing():
+        return build()
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.clear()
+        _CACHE[key] = build()
+    return _CACHE[key]
 
 
 class Mlp(nn.Module):
