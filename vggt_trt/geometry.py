@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, Union
 
 import numpy as np
@@ -59,108 +60,47 @@ def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-class _NumpyOps:
-    """The few array operations whose numpy and torch spellings differ."""
-
-    @staticmethod
-    def asarray(x: Any) -> np.ndarray:
-        return np.asarray(x)
-
-    @staticmethod
-    def stack(xs: Sequence[np.ndarray], axis: int) -> np.ndarray:
-        return np.stack(xs, axis=axis)
-
-    @staticmethod
-    def concat(xs: Sequence[np.ndarray], axis: int) -> np.ndarray:
-        return np.concatenate(xs, axis=axis)
-
-    @staticmethod
-    def swap(x: np.ndarray) -> np.ndarray:
-        return np.swapaxes(x, -1, -2)
-
-    @staticmethod
-    def take_last2(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """x[..., idx[...], :] for x of shape [..., K, C] and idx of shape [...]."""
-        return np.take_along_axis(x, idx[..., None, None], axis=-2)[..., 0, :]
-
-    @staticmethod
-    def arange(n: int, like: np.ndarray) -> np.ndarray:
-        return np.arange(n, dtype=like.dtype)
-
-    @staticmethod
-    def full_like(x: np.ndarray, value: float) -> np.ndarray:
-        return np.full_like(x, value)
-
-    @staticmethod
-    def clamp_min(x: np.ndarray, value: float) -> np.ndarray:
-        return np.maximum(x, np.asarray(value, dtype=x.dtype))
-
-    @staticmethod
-    def svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return np.linalg.svd(x)
-
-    sqrt = staticmethod(np.sqrt)
-    tan = staticmethod(np.tan)
-    atan = staticmethod(np.arctan)
-    where = staticmethod(np.where)
-    isfinite = staticmethod(np.isfinite)
-    det = staticmethod(np.linalg.det)
+def _make_ops(torch: Any = None) -> SimpleNamespace:
+    """The few array operations whose numpy and torch spellings differ, under one set of names."""
+    if torch is None:
+        return SimpleNamespace(
+            stack=lambda xs, axis: np.stack(xs, axis=axis),
+            concat=lambda xs, axis: np.concatenate(xs, axis=axis),
+            swap=lambda x: np.swapaxes(x, -1, -2),
+            take_along=lambda x, idx, axis: np.take_along_axis(x, idx, axis=axis),
+            arange=lambda n, like: np.arange(n, dtype=like.dtype),
+            full_like=np.full_like,
+            clamp_min=lambda x, v: np.maximum(x, np.asarray(v, dtype=x.dtype)),
+            sqrt=np.sqrt, tan=np.tan, atan=np.arctan, where=np.where, isfinite=np.isfinite,
+            svd=np.linalg.svd, det=np.linalg.det,
+        )
+    return SimpleNamespace(
+        stack=lambda xs, axis: torch.stack(list(xs), dim=axis),
+        concat=lambda xs, axis: torch.cat(list(xs), dim=axis),
+        swap=lambda x: x.transpose(-1, -2),
+        take_along=lambda x, idx, axis: torch.take_along_dim(x, idx, dim=axis),
+        arange=lambda n, like: torch.arange(n, dtype=like.dtype, device=like.device),
+        full_like=torch.full_like,
+        clamp_min=lambda x, v: x.clamp_min(v),
+        sqrt=torch.sqrt, tan=torch.tan, atan=torch.atan, where=torch.where, isfinite=torch.isfinite,
+        svd=torch.linalg.svd, det=torch.linalg.det,
+    )
 
 
-class _TorchOps:
-    def __init__(self) -> None:
+_NUMPY_OPS = _make_ops()
+_TORCH_OPS: SimpleNamespace | None = None
+
+
+def _ops(x: Any) -> SimpleNamespace:
+    """numpy or torch operations, matching the type of ``x`` (imports torch only for a tensor)."""
+    global _TORCH_OPS
+    if not is_torch(x):
+        return _NUMPY_OPS
+    if _TORCH_OPS is None:
         import torch
 
-        self.torch = torch
-        self.sqrt = torch.sqrt
-        self.tan = torch.tan
-        self.atan = torch.atan
-        self.where = torch.where
-        self.isfinite = torch.isfinite
-        self.det = torch.linalg.det
-
-    def asarray(self, x: Any) -> "torch.Tensor":
-        return self.torch.as_tensor(x)
-
-    def stack(self, xs: Sequence["torch.Tensor"], axis: int) -> "torch.Tensor":
-        return self.torch.stack(list(xs), dim=axis)
-
-    def concat(self, xs: Sequence["torch.Tensor"], axis: int) -> "torch.Tensor":
-        return self.torch.cat(list(xs), dim=axis)
-
-    @staticmethod
-    def swap(x: "torch.Tensor") -> "torch.Tensor":
-        return x.transpose(-1, -2)
-
-    def take_last2(self, x: "torch.Tensor", idx: "torch.Tensor") -> "torch.Tensor":
-        index = idx[..., None, None].expand(*idx.shape, 1, x.shape[-1])
-        return self.torch.gather(x, -2, index)[..., 0, :]
-
-    def arange(self, n: int, like: "torch.Tensor") -> "torch.Tensor":
-        return self.torch.arange(n, dtype=like.dtype, device=like.device)
-
-    def full_like(self, x: "torch.Tensor", value: float) -> "torch.Tensor":
-        return self.torch.full_like(x, value)
-
-    @staticmethod
-    def clamp_min(x: "torch.Tensor", value: float) -> "torch.Tensor":
-        return x.clamp_min(value)
-
-    def svd(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-        return self.torch.linalg.svd(x)
-
-
-_NUMPY_OPS = _NumpyOps()
-_TORCH_OPS: _TorchOps | None = None
-
-
-def _ops(x: Any) -> Any:
-    global _TORCH_OPS
-    if is_torch(x):
-        if _TORCH_OPS is None:
-            _TORCH_OPS = _TorchOps()
-        return _TORCH_OPS
-    return _NUMPY_OPS
+        _TORCH_OPS = _make_ops(torch)
+    return _TORCH_OPS
 
 
 def _as_float(x: Any, name: str) -> Array:
@@ -254,7 +194,7 @@ def mat_to_quat(matrix: Array) -> Array:
         -2,
     )
     candidates = by_rijk / (2.0 * ops.clamp_min(q_abs, 0.1))[..., None]
-    rijk = ops.take_last2(candidates, q_abs.argmax(-1))
+    rijk = ops.take_along(candidates, q_abs.argmax(-1)[..., None, None], -2)[..., 0, :]
     xyzw = ops.stack([rijk[..., 1], rijk[..., 2], rijk[..., 3], rijk[..., 0]], -1)
     return ops.where(xyzw[..., 3:4] < 0, -xyzw, xyzw)
 
@@ -265,7 +205,11 @@ def mat_to_quat(matrix: Array) -> Array:
 def pose_encoding_to_extri_intri(
     pose_enc: Array, image_hw: Sequence[int], build_intrinsics: bool = True
 ) -> tuple[Array, Array | None]:
-    """Decode ``[..., 9]`` pose encodings to extrinsics ``[..., 3, 4]`` and intrinsics ``[..., 3, 3]``."""
+    """Decode pose encodings ``[..., 9]`` to extrinsics ``[..., 3, 4]`` and intrinsics ``[..., 3, 3]``.
+
+    ``image_hw`` is the (height, width) of the model input. With ``build_intrinsics=False`` the
+    intrinsics are ``None`` (as in the reference).
+    """
     pose_enc = _as_float(pose_enc, "pose_enc")
     _check_trailing(pose_enc, (9,), "pose_enc")
     ops = _ops(pose_enc)
@@ -289,7 +233,7 @@ def pose_encoding_to_extri_intri(
 def extri_intri_to_pose_encoding(
     extrinsic: Array, intrinsic: Array, image_hw: Sequence[int]
 ) -> Array:
-    """Inverse of :func:`pose_encoding_to_extri_intri`: ``[..., 3, 4]`` + ``[..., 3, 3]`` to ``[..., 9]``."""
+    """Encode extrinsics ``[..., 3, 4]`` and intrinsics ``[..., 3, 3]`` as ``[..., 9]`` (the inverse)."""
     extrinsic = _as_float(extrinsic, "extrinsic")
     intrinsic = _as_float(intrinsic, "intrinsic")
     _check_trailing(extrinsic, (3, 4), "extrinsic")
@@ -324,7 +268,9 @@ def camera_centers(extrinsic: Array) -> Array:
     """World positions ``[..., 3]`` of cameras with cam-from-world extrinsics ``[..., 3|4, 4]``."""
     extrinsic = _as_float(extrinsic, "extrinsic")
     if extrinsic.ndim < 2 or tuple(extrinsic.shape[-2:]) not in ((3, 4), (4, 4)):
-        raise InputError(f"extrinsic: expected [..., 3, 4] or [..., 4, 4], found {list(extrinsic.shape)}")
+        raise InputError(
+            f"extrinsic: expected [..., 3, 4] or [..., 4, 4], found {list(extrinsic.shape)}"
+        )
     ops = _ops(extrinsic)
     return -(ops.swap(extrinsic[..., :3, :3]) @ extrinsic[..., :3, 3:])[..., 0]
 
@@ -348,6 +294,10 @@ def unproject_depth_map_to_point_map(
     given (numpy dtype for arrays, torch dtype for tensors).
     """
     torch_path = is_torch(depth)
+    if torch_path:  # cameras given as numpy arrays follow the depth tensor (device, type)
+        import torch
+
+        extrinsic, intrinsic = (torch.as_tensor(a, device=depth.device) for a in (extrinsic, intrinsic))
     depth = _as_float(depth, "depth")
     extrinsic = _as_float(extrinsic, "extrinsic")
     intrinsic = _as_float(intrinsic, "intrinsic")
@@ -366,10 +316,9 @@ def unproject_depth_map_to_point_map(
             f"intrinsic: leading dims {list(intrinsic.shape[:-2])} do not match extrinsic {list(lead)}"
         )
     if torch_path:
-        import torch
-
         if dtype is None:
-            dtype = torch.promote_types(torch.promote_types(depth.dtype, extrinsic.dtype), intrinsic.dtype)
+            dtype = torch.promote_types(depth.dtype, extrinsic.dtype)
+            dtype = torch.promote_types(dtype, intrinsic.dtype)
         depth = depth.to(dtype)
         extrinsic = extrinsic.to(device=depth.device, dtype=dtype)
         intrinsic = intrinsic.to(device=depth.device, dtype=dtype)
@@ -431,7 +380,9 @@ def confidence_mask(
     """
     conf = _as_float(conf, "conf")
     ops = _ops(conf)
-    mask = ops.isfinite(conf) & (conf > eps)
+    finite = ops.isfinite(conf)
+    all_finite = bool(finite.all())
+    mask = (conf > eps) if all_finite else finite & (conf > eps)
     if threshold is not None:
         if not math.isfinite(threshold):
             raise InputError(f"confidence threshold must be finite, found {threshold}")
@@ -439,9 +390,9 @@ def confidence_mask(
     if percentile is not None and percentile > 0:
         if not 0 <= percentile < 100:
             raise InputError(f"confidence percentile must be in [0, 100), found {percentile}")
-        finite = conf[ops.isfinite(conf)]
-        if finite.shape[0] > 0:
-            mask = mask & (conf >= _percentile_value(finite.reshape(-1), float(percentile)))
+        values = conf.reshape(-1) if all_finite else conf[finite]
+        if values.shape[0] > 0:
+            mask = mask & (conf >= _percentile_value(values, float(percentile)))
     return mask
 
 
@@ -491,10 +442,11 @@ def umeyama_similarity(src: Array, dst: Array, with_scale: bool = True) -> Umeya
     cov = ops.swap(xd) @ xs / n
     u, d, vt = ops.svd(cov)
     sign = 1.0 if float(ops.det(u)) * float(ops.det(vt)) >= 0 else -1.0
-    diag = ops.asarray(np.array([1.0, 1.0, sign]))
-    diag = diag.to(src) if is_torch(src) else diag.astype(src.dtype)
+    diag = src.new_tensor([1.0, 1.0, sign]) if is_torch(src) else np.array([1.0, 1.0, sign], src.dtype)
     rot = (u * diag) @ vt
-    if float(d[1]) <= 1e-9 * max(float(d[0]), 1e-300):
+    finfo = sys.modules["torch"].finfo if is_torch(src) else np.finfo
+    eps = float(finfo(src.dtype).eps)
+    if float(d[1]) <= 100 * eps * float(d[0]):
         log.warning("umeyama: source points are collinear; rotation about their line is arbitrary")
     scale = float((d * diag).sum()) / var_s if with_scale else 1.0
     t = mu_d - scale * (rot @ mu_s)

@@ -85,7 +85,9 @@ def list_images(dir_or_glob: PathLike, recursive: bool = True) -> list[Path]:
         where = f"folder {path}" + (" (searched recursively)" if recursive else "")
     elif path.is_file():
         if not _is_image(path):
-            raise InputError(f"{path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            raise InputError(
+                f"{path} is not an image file (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+            )
         found = [path]
         where = str(path)
     elif _GLOB_CHARS & set(text):
@@ -122,7 +124,7 @@ def load_image(path: PathLike, exif_transpose: bool = False) -> Image.Image:
 
 
 def readable_images(paths: Sequence[PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Split ``paths`` into decodable images and ``(path, reason)`` for the others (decodes each once)."""
+    """Split ``paths`` into decodable images and ``(path, reason)`` pairs (decodes each once)."""
     ok: list[Path] = []
     bad: list[tuple[Path, str]] = []
     for p in paths:
@@ -208,7 +210,7 @@ def load_and_preprocess_images(
 def preprocess_to_shape(
     paths: Sequence[PathLike], height: int, width: int, exif_transpose: bool = False
 ) -> np.ndarray:
-    """Images resized to cover ``height x width`` (aspect kept) and centre-cropped: ``[S, 3, height, width]``.
+    """Images scaled to cover ``height x width`` and centre-cropped: float32 ``[S, 3, height, width]``.
 
     For engines with a fixed input shape. The crop box is the largest centred region of the source
     with the target aspect ratio (sub-pixel, in source coordinates), resampled once with PIL
