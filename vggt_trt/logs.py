@@ -1,0 +1,30 @@
+"""Console + file logging for the command-line front ends (the library itself only uses getLogger)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def setup_logging(log_dir: str | Path | None, run_name: str, verbose: bool = False) -> Path | None:
+    """Log INFO (DEBUG with ``verbose``) to the console and to ``<log_dir>/<run_name>-<time>.log``."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(console)
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "modelopt", "polygraphy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if log_dir is None:
+        return None
+    path = Path(log_dir) / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(handler)
+    return path
