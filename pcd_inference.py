@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Multi-view images -> VGGT (TensorRT engine, ONNX Runtime or PyTorch) -> point cloud, cameras, COLMAP model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vggt_trt.cli_common import add_bool_aliases, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    src = p.add_argument_group("input")
+    src.add_argument("--source", default="images", choices=("images",),
+                     help="images: a scene folder (videos and webcams come with the live pipeline)")
+    src.add_argument("--images", type=Path, required=True,
+                     help="scene root: one sub-folder of frames per camera (cam001/, cam005/ ...) or a flat "
+                          "folder of images (one view each)")
+    src.add_argument("--views", help="comma-separated cameras, e.g. cam001,cam005,cam012")
+    src.add_argument("--random_views", type=int, help="pick this many cameras at random (--seed)")
+    src.add_argument("--num_cams", type=int, help="views per forward (default: the engine's, else 8 or all given)")
+    src.add_argument("--frame", type=int, default=0, help="frame index within each camera folder (default 0)")
+    src.add_argument("--seed", type=int, default=0)
+    model = p.add_argument_group("model (one of)")
+    model.add_argument("--vggt_engine", type=Path, help="TensorRT / TensorRT-RTX engine")
+    model.add_argument("--onnx", type=Path, help="ONNX graph, run with ONNX Runtime")
+    model.add_argument("--torch", action="store_true", help="our PyTorch VGGT (default when no file is given)")
+    model.add_argument("--model-name", default="facebook/VGGT-1B", help="preset (tiny, vggt-1b), hub id or dir")
+    model.add_argument("--weights", type=Path, help="local checkpoint for --torch")
+    model.add_argument("--random-init", action="store_true", help="seeded random weights for --torch")
+    model.add_argument("--precision", default="fp32",
+                       choices=("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16"))
+    model.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    model.add_argument("--trt-backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
+    cams = p.add_argument_group("known cameras")
+    cams.add_argument("--intrinsics", type=Path, help="known intrinsics (.json/.yaml/.npz), source pixels")
+    cams.add_argument("--poses", type=Path, help="known poses (.json/.yaml/.npz): align the cloud to the rig frame")
+    cams.add_argument("--poses-convention", choices=("c2w", "w2c"), help="default: the file's, else c2w")
+    proc = p.add_argument_group("processing")
+    proc.add_argument("--preprocess", default="crop", choices=("crop", "pad"))
+    proc.add_argument("--target-size", type=int, help="official crop/pad size for --torch (default: preset's)")
+    proc.add_argument("--conf_threshold", type=float, help="keep points with confidence >= this")
+    proc.add_argument("--conf_percentile", type=float, default=50.0,
+                      help="drop the lowest X %% by confidence (default 50, as the official demo; 0 keeps all)")
+    proc.add_argument("--mask-black-bg", action="store_true", help="drop near-black pixels")
+    proc.add_argument("--mask-white-bg", action="store_true", help="drop near-white pixels")
+    proc.add_argument("--voxel_size", type=float, help="voxel downsampling size (cloud units)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out_dir", type=Path, required=True)
+    out.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
+                     help="write the preprocessed views to out_dir/images (what the COLMAP model describes)")
+    out.add_argument("--log-dir", type=Path, default=None, help="also log to a file here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_bool_aliases(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from vggt_trt.errors import InputError
+    from vggt_trt.pcd import PcdOptions, run_pcd
+
+    given = [n for n, v in (("--vggt_engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
+    if len(given) > 1:
+        raise InputError(f"give one model: {' and '.join(given)} both given")
+    backend = "engine" if args.vggt_engine else "onnx" if args.onnx else "torch"
+    opts = PcdOptions(
+        images=args.images, out_dir=args.out_dir, backend=backend, model_path=args.vggt_engine or args.onnx,
+        model_name=args.model_name, weights=args.weights, precision=args.precision, device=args.device,
+        random_init=args.random_init, trt_backend=args.trt_backend,
+        views=[v.strip() for v in args.views.split(",") if v.strip()] if args.views else None,
+        random_views=args.random_views, num_cams=args.num_cams, frame=args.frame, seed=args.seed,
+        intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,
+        preprocess=args.preprocess, target_size=args.target_size, conf_threshold=args.conf_threshold,
+        conf_percentile=args.conf_percentile or None, mask_black_bg=args.mask_black_bg,
+        mask_white_bg=args.mask_white_bg, voxel_size=args.voxel_size, save_images=args.save_images)
+    summary = run_pcd(opts)
+    pts, t = summary["points"], summary["timings_ms"]
+    print(f"{len(summary['scene']['views'])} views ({', '.join(summary['scene']['views'])}) -> "
+          f"{pts['written']} points (of {pts['total']}) in {args.out_dir}")
+    if summary["scene"]["skipped"]:
+        print("skipped: " + "; ".join(f"{s['view']}: {s['reason']}" for s in summary["scene"]["skipped"]))
+    if summary["alignment"]:
+        print(f"aligned to known poses: scale {summary['alignment']['scale']:.4g}, "
+              f"residual RMS {summary['alignment']['residual_rms']:.4g}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args), args.log_dir, "pcd_inference", args.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
