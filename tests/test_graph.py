@@ -1,0 +1,341 @@
+"""Graph passes and ONNX I/O on toy graphs: a tiny ViT-like torch module and a hand-built sequence-op graph."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+
+from vggt_trt import graph as G
+from vggt_trt import onnx_io as io
+from vggt_trt.errors import AccuracyError, GraphError, InputError
+
+IMAGES = np.random.default_rng(0).random((2, 3, 28, 35), dtype=np.float32)
+
+
+def make_toy_module():
+    """Conv patch embed, ConvTranspose, arange/sin/cos position embedding, LayerNorm, softmax attention, GELU MLP,
+    exp heads."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Toy(nn.Module):
+        def __init__(self, dim: int = 32, heads: int = 2, patch: int = 7):
+            super().__init__()
+            self.heads = heads
+            self.embed = nn.Conv2d(3, dim, patch, patch)
+            self.up = nn.ConvTranspose2d(dim, dim, 2, 2)  # DPT-style upsampling
+            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+            self.head = nn.Linear(dim, 2)
+
+        @staticmethod
+        def pos(n: int, dim: int) -> torch.Tensor:
+            t = torch.arange(n).float()  # int64 Range + exporter Cast(to=FLOAT)
+            omega = 1.0 / (100.0 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim / 2)))  # float Range
+            out = t[:, None] * omega[None, :]
+            return torch.cat([out.sin(), out.cos()], dim=-1)
+
+        def forward(self, images: torch.Tensor):
+            x = self.embed(images)
+            x = x + self.up(x)[..., ::2, ::2]
+            s, d, hh, ww = x.shape
+            x = x.flatten(2).transpose(1, 2) + self.pos(hh * ww, d)
+            q, k, v = self.qkv(self.norm1(x)).reshape(s, hh * ww, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = ((q @ k.transpose(-1, -2)) * (d // self.heads) ** -0.5).softmax(-1)
+            y = (a @ v).transpose(1, 2).reshape(s, hh * ww, d)
+            x = x + self.proj(y) * (y > -1e4).float()  # data-path Cast(bool -> FLOAT) feeding a Mul
+            x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+            o = self.head(x)
+            return torch.exp(o[..., 0]), 1 + torch.exp(o[..., 1])
+
+    torch.manual_seed(0)
+    return Toy().eval()
+
+
+def export_toy(path: Path, dynamo: bool = True) -> Path:
+    """Export the toy without constant folding, so Range, Cast(to=FLOAT), Sin and Cos stay in the graph."""
+    import torch
+
+    kwargs = {"optimize": False} if dynamo else {"do_constant_folding": False}
+    with warnings.catch_warnings():  # the TorchScript exporter is used on purpose; its deprecation notes are noise
+        warnings.simplefilter("ignore")
+        torch.onnx.export(make_toy_module(), (torch.from_numpy(IMAGES),), str(path), dynamo=dynamo, opset_version=18,
+                          input_names=["images"], output_names=["depth", "conf"], verbose=False, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toy")
+    export_toy(d / "toy.onnx", dynamo=True)
+    export_toy(d / "toy_ts.onnx", dynamo=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def toy_onnx(toy_dir) -> Path:
+    return toy_dir / "toy.onnx"
+
+
+def make_sequence_model() -> onnx.ModelProto:
+    """A graph using SplitToSequence (with and without split), SequenceAt, SequenceLength, ConcatFromSequence
+    (with and without new_axis), SequenceConstruct, SequenceEmpty and SequenceInsert."""
+    const = lambda name, vals, dims: h.make_node(  # noqa: E731
+        "Constant", [], [name], value=h.make_tensor(f"{name}_v", T.INT64, dims, vals))
+    nodes = [
+        const("split", [2, 1, 3], [3]),
+        h.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=1, name="s2s"),
+        const("pos", [-1], []),
+        h.make_node("SequenceAt", ["seq", "pos"], ["last"], name="at_last"),
+        h.make_node("SplitToSequence", ["x"], ["seq1"], axis=1, keepdims=0, name="s2s_nosplit"),
+        h.make_node("SequenceLength", ["seq1"], ["n"], name="len"),
+        h.make_node("ConcatFromSequence", ["seq1"], ["stacked"], axis=1, new_axis=1, name="cfs_new_axis"),
+        h.make_node("SequenceConstruct", ["x", "stacked"], ["pair"], name="construct"),
+        h.make_node("ConcatFromSequence", ["pair"], ["cat"], axis=1, name="cfs"),
+        h.make_node("SequenceEmpty", [], ["empty"], name="empty", dtype=T.FLOAT),
+        h.make_node("SequenceInsert", ["empty", "last"], ["one"], name="insert1"),
+        h.make_node("SequenceInsert", ["one", "last"], ["two"], name="insert2"),
+        h.make_node("ConcatFromSequence", ["two"], ["last_twice"], axis=1, name="cfs_twice"),
+        h.make_node("Cast", ["n"], ["nf"], to=T.FLOAT),
+        h.make_node("ReduceSum", ["cat"], ["s"], keepdims=0),
+        h.make_node("Add", ["s", "nf"], ["z"]),
+    ]
+    graph = h.make_graph(nodes, "seq", [h.make_tensor_value_info("x", T.FLOAT, [2, 6, 4])],
+                         [h.make_tensor_value_info("z", T.FLOAT, []),
+                          h.make_tensor_value_info("last_twice", T.FLOAT, [2, 6, 4])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+# ------------------------------------------------------------------------------------------------ onnx_io
+def test_io_summary_and_op_histogram(toy_onnx):
+    summary = io.io_summary(toy_onnx)
+    assert summary["inputs"] == [{"name": "images", "shape": [2, 3, 28, 35], "dtype": "float32"}]
+    assert [o["name"] for o in summary["outputs"]] == ["depth", "conf"]
+    assert all(o["dtype"] == "float32" and o["shape"] == [2, 20] for o in summary["outputs"])
+    hist = io.op_histogram(io.load_onnx(toy_onnx))
+    for op in ("Conv", "LayerNormalization", "Softmax", "Exp", "Range", "Sin", "Cos", "Cast"):
+        assert hist.get(op, 0) >= 1, op
+
+
+def test_save_onnx_external_data_is_atomic_and_model_stays_usable(toy_onnx, tmp_path):
+    model = io.load_onnx(toy_onnx)
+    before = {t.name: onnx.numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    out = io.save_onnx(model, tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no temp folder left
+    for t in model.graph.initializer:  # the saver moved bytes out; save_onnx read them back
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), before[t.name])
+    np.testing.assert_array_equal(G.run_onnx(out, {"images": IMAGES})["depth"],
+                                  G.run_onnx(toy_onnx, {"images": IMAGES})["depth"])
+    digest = io.onnx_sha256(out)
+    data = tmp_path / "m.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[-1] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    assert io.onnx_sha256(out) != digest  # the hash covers the external data
+    io.save_onnx(model, out, external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # stale data file removed
+    np.testing.assert_array_equal(G.run_onnx(out, {"images": IMAGES})["conf"],
+                                  G.run_onnx(toy_onnx, {"images": IMAGES})["conf"])
+
+
+def test_save_onnx_chooses_external_data_above_threshold(toy_onnx, tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    io.save_onnx(io.load_onnx(toy_onnx), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+
+
+def test_copy_onnx_streams_external_data(toy_onnx, tmp_path):
+    src = io.save_onnx(io.load_onnx(toy_onnx), tmp_path / "a" / "src.onnx", external_data=True)
+    dst = io.copy_onnx(src, tmp_path / "b" / "dst.onnx")
+    assert [p.name for p in io.external_data_files(dst)] == ["dst.onnx.data"]
+    a, b = G.run_onnx(src, {"images": IMAGES}), G.run_onnx(dst, {"images": IMAGES})
+    np.testing.assert_array_equal(a["conf"], b["conf"])
+
+
+def test_load_errors(tmp_path, toy_onnx):
+    with pytest.raises(InputError, match="not found"):
+        io.load_onnx(tmp_path / "missing.onnx")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\xff\xff this is not a protobuf")
+    with pytest.raises(GraphError, match="not a valid ONNX"):
+        io.load_onnx(garbage)
+    moved = io.save_onnx(io.load_onnx(toy_onnx), tmp_path / "ext.onnx", external_data=True)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(GraphError, match="external data"):
+        io.load_onnx(moved)
+
+
+# ---------------------------------------------------------------------------------------- sequence removal
+def test_remove_sequence_ops_gives_identical_results():
+    model = make_sequence_model()
+    x = np.random.default_rng(1).random((2, 6, 4), dtype=np.float32)
+    ref = _ort(model, {"x": x})
+    out = G.remove_sequence_ops(model)
+    G.assert_no_sequence_ops(out)
+    onnx.checker.check_model(out)
+    assert not set(io.op_histogram(out)) & G.SEQUENCE_OPS
+    for a, b in zip(ref, _ort(out, {"x": x})):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_remove_sequence_ops_names_the_node_it_cannot_rewrite():
+    model = make_sequence_model()
+    at = next(n for n in model.graph.node if n.name == "at_last")
+    at.input[1] = "p_in"  # position now comes from a graph input: not a constant
+    model.graph.input.append(h.make_tensor_value_info("p_in", T.INT64, []))
+    with pytest.raises(GraphError, match="at_last"):
+        G.remove_sequence_ops(model)
+
+
+def test_assert_no_sequence_ops_lists_nodes():
+    with pytest.raises(GraphError, match=r"s2s \(SplitToSequence\)"):
+        G.assert_no_sequence_ops(make_sequence_model())
+
+
+def test_remove_sequence_ops_leaves_plain_graphs_alone(toy_onnx):
+    model = io.load_onnx(toy_onnx)
+    assert G.remove_sequence_ops(model) is model
+
+
+# ------------------------------------------------------------------------------------ opset, simplify, check
+def test_repair_opset_adds_missing_opset_and_fixes_ir(toy_onnx):
+    model = io.load_onnx(toy_onnx)
+    del model.opset_import[:]
+    model.ir_version = 0
+    G.repair_opset(model, 18)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
+    assert model.ir_version == 8  # the minimum for opset 18
+    onnx.checker.check_model(model)
+    model.ir_version = onnx.IR_VERSION  # onnx's default, which ONNX Runtime 1.31 refuses
+    assert G.repair_opset(model, 18).ir_version == 10
+    _ort(model, {"images": IMAGES})
+
+
+def test_simplify_modes_skip_and_fallback(toy_onnx, tmp_path, monkeypatch):
+    feeds = {"images": IMAGES}
+    ref = G.run_onnx(toy_onnx, feeds)
+    res = G.simplify(toy_onnx, tmp_path / "a.simp.onnx")
+    assert res.status == "simplified" and res.nodes_after < res.nodes_before and res.options == {}
+    big = G.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
+    assert big.options == {"no_shape_infer": True, "skip_optimizations": ["constant_folding"]}
+    assert (tmp_path / "b.simp.onnx.data").is_file()
+    for r in (res, big):
+        np.testing.assert_allclose(G.run_onnx(r.path, feeds)["depth"], ref["depth"], rtol=1e-5, atol=1e-6)
+    skipped = G.simplify(toy_onnx, tmp_path / "c.simp.onnx", skip=True)
+    assert skipped.status == "skipped" and skipped.path == str(toy_onnx) and not (tmp_path / "c.simp.onnx").exists()
+
+    import onnxslim
+
+    def boom(*args, **kwargs):
+        raise MemoryError("simulated out of memory")
+
+    monkeypatch.setattr(onnxslim, "slim", boom)
+    failed = G.simplify(toy_onnx, tmp_path / "d.simp.onnx")
+    assert failed.status == "failed" and "MemoryError" in failed.reason
+    np.testing.assert_array_equal(G.run_onnx(failed.path, feeds)["depth"], ref["depth"])
+    json.dumps(failed.to_dict())
+
+
+def test_check_model(toy_onnx, tmp_path):
+    G.check_model(toy_onnx)
+    model = io.load_onnx(toy_onnx)
+    model.graph.node[-1].input[0] = "no_such_tensor"
+    io.save_onnx(model, tmp_path / "broken.onnx")
+    with pytest.raises(GraphError, match="no_such_tensor"):
+        G.check_model(tmp_path / "broken.onnx")
+    with pytest.raises(InputError):
+        G.check_model(tmp_path / "missing.onnx")
+
+
+# ---------------------------------------------------------------------------------------- precision cast
+def _typed(model: onnx.ModelProto) -> tuple[dict[str, int], list[onnx.NodeProto]]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types, list(g.node)
+
+
+@pytest.mark.parametrize("exporter", ["toy.onnx", "toy_ts.onnx"])
+def test_cast_fp16_keeps_sensitive_ops_fp32_and_is_accurate(toy_dir, tmp_path, exporter):
+    src = toy_dir / exporter
+    cast, summary = G.cast_precision(io.load_onnx(src), "fp16")
+    out = io.save_onnx(cast, tmp_path / "fp16.onnx")
+    G.check_model(out)
+    types, nodes = _typed(cast)
+    low = T.FLOAT16
+    for node in nodes:
+        floats = [types[i] for i in node.input if i and types.get(i) in (T.FLOAT, low)]
+        if node.op_type in ("LayerNormalization", "Softmax", "Exp", "Range", "Sin", "Cos"):
+            assert set(floats) <= {T.FLOAT}, (node.name, node.op_type)
+        if node.op_type in ("MatMul", "Conv", "Gemm"):
+            assert set(floats) == {low}, (node.name, node.op_type)
+        if node.op_type not in ("Cast", "Shape", "Resize"):
+            assert len(set(floats)) <= 1, f"mixed input types at {node.name} ({node.op_type})"
+    assert all(v["dtype"] == "float32" for v in io.io_summary(cast)["inputs"] + io.io_summary(cast)["outputs"])
+    assert summary["low_nodes"] > 0 and summary["constants_converted"] > 0
+    for reason in ("norm", "softmax", "exp-head", "trig", "constant-subgraph"):
+        assert summary["fp32_by_reason"].get(reason, 0) >= 1, reason
+    if exporter == "toy.onnx":
+        assert summary["fp32_by_reason"].get("range", 0) >= 1
+        assert summary["casts_rewritten"] >= 1  # the data-path Cast(to=FLOAT) now casts straight to fp16
+    results = G.compare_onnx_ort(src, out, {"images": IMAGES})
+    G.assert_accuracy(results, max_rel_l2=2e-3)
+    assert json.loads(json.dumps(results))["depth"]["shape"] == [2, 20]
+
+
+def test_cast_bf16_with_reference_runner(toy_onnx, tmp_path):
+    cast, summary = G.cast_precision(io.load_onnx(toy_onnx), "bf16")
+    out = io.save_onnx(cast, tmp_path / "bf16.onnx")
+    types, nodes = _typed(cast)
+    assert any(types.get(n.input[0]) == T.BFLOAT16 for n in nodes if n.op_type == "MatMul")
+    assert all(types.get(n.input[0]) == T.FLOAT for n in nodes if n.op_type == "ConvTranspose")
+    assert summary["fp32_by_reason"]["no-bf16-kernel"] == 1
+    results = G.compare_onnx_ort(toy_onnx, out, {"images": IMAGES}, backend="reference")
+    G.assert_accuracy(results, max_rel_l2=2e-2)
+    assert results["depth"]["rel_l2"] > 1e-5  # it really ran in bf16
+
+
+def test_cast_keep_nodes_and_fp16_clipping():
+    nodes = [h.make_node("MatMul", ["x", "w"], ["y"], name="mm"), h.make_node("Add", ["y", "b"], ["z"], name="add")]
+    w = onnx.numpy_helper.from_array(np.full((2, 2), 1e5, np.float32), "w")
+    b = onnx.numpy_helper.from_array(np.ones(2, np.float32), "b")
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 2])],
+                         [h.make_tensor_value_info("z", T.FLOAT, [1, 2])], [w, b])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=8)
+    cast, summary = G.cast_precision(model, "fp16")
+    assert summary["values_clipped"] == 4
+    kept, summary = G.cast_precision(model, "fp16", keep_nodes=["mm"])
+    assert summary["fp32_by_reason"] == {"user": 1} and summary["values_clipped"] == 0
+    with pytest.raises(InputError, match="int4"):
+        G.cast_precision(model, "int4")
+
+
+def test_assert_accuracy_lists_every_output_over_tolerance(toy_onnx, tmp_path):
+    cast, _ = G.cast_precision(io.load_onnx(toy_onnx), "fp16")
+    out = io.save_onnx(cast, tmp_path / "fp16.onnx")
+    results = G.compare_onnx_ort(toy_onnx, out, {"images": IMAGES})
+    with pytest.raises(AccuracyError, match=r"2 of 2 outputs.*depth.*conf"):
+        G.assert_accuracy(results, max_rel_l2=1e-9)
+    G.assert_accuracy(results, max_rel_l2=1e-9, per_output={"depth": 1.0, "conf": 1.0})
+    with pytest.raises(InputError, match="takes inputs"):
+        G.run_onnx(toy_onnx, {"wrong_name": IMAGES})
+    with pytest.raises(GraphError, match="ONNX Runtime cannot run"):
+        G.run_onnx(toy_onnx, {"images": IMAGES[:, :2]})
