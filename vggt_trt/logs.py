@@ -14,9 +14,12 @@ def setup_logging(log_dir: str | Path | None, run_name: str, verbose: bool = Fal
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for h in list(root.handlers):
-        root.removeHandler(h)
+        if getattr(h, "_vggt_trt", False):
+            root.removeHandler(h)
+            h.close()
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console._vggt_trt = True  # type: ignore[attr-defined]
     root.addHandler(console)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "modelopt", "polygraphy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -26,5 +29,6 @@ def setup_logging(log_dir: str | Path | None, run_name: str, verbose: bool = Fal
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(FORMAT))
+    handler._vggt_trt = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     return path

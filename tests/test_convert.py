@@ -1,0 +1,168 @@
+"""vggt_to_trt.py end to end on the tiny preset (TensorRT-RTX builds on CPU) and its bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+import vggt_to_trt
+from vggt_trt.graph import assert_no_sequence_ops
+
+TINY = ["--model-name", "tiny", "--num-cams", "2", "--height", "56", "--width", "70"]
+
+
+def _have_rtx() -> bool:
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_rtx = pytest.mark.skipif(not _have_rtx(), reason="tensorrt_rtx (pip install tensorrt-rtx-cu13) is not installed")
+
+
+def run(args: list[str], tmp_path: Path) -> int:
+    return vggt_to_trt.main(args + ["--log-dir", str(tmp_path / "logs")])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """One fp16 conversion with export; later tests reuse its raw graph through --onnx-in."""
+    out = tmp_path_factory.mktemp("convert")
+    assert run(["--export", *TINY, "--precision", "fp16", "--output-dir", str(out), "--skip-build"], out) == 0
+    return out
+
+
+def _assert_report(out: Path, stem: str, precision: str, built: bool) -> dict:
+    report = json.loads((out / f"{stem}_{precision}.json").read_text())
+    assert report["precision"] == precision and report["stem"] == stem
+    assert len(report["onnx"]["sha256"]) == 64
+    assert [i["shape"] for i in report["onnx"]["io"]["inputs"]] == [[2, 3, 56, 70]]
+    if built:
+        build = report["stages"]["build"]
+        assert build["engine_bytes"] == (out / f"{stem}_{precision}.engine").stat().st_size > 0
+        assert build["backend"] in ("tensorrt", "tensorrt_rtx")
+        assert build["network_precision"]["layers"] > 0
+    return report
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision,pcd", [("fp16", False), ("bf16", True), ("fp32", False)])
+def test_every_artifact_is_produced(tmp_path, precision, pcd):
+    args = ["--export", *TINY, "--precision", precision, "--output-dir", str(tmp_path)] + (["--pcd-only"] if pcd else [])
+    assert run(args, tmp_path) == 0
+    stem = "vggt-2x3x56x70" + ("-pcd" if pcd else "")
+    names = [f"{stem}.onnx", f"{stem}.NOSEQ.onnx", f"{stem}.simp.onnx", f"{stem}_{precision}.engine", f"{stem}_{precision}.json"]
+    if precision != "fp32":
+        names.append(f"{stem}_{precision}.onnx")
+    for name in names:
+        assert (tmp_path / name).is_file(), name
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    for graph in (f"{stem}.NOSEQ.onnx", f"{stem}.simp.onnx"):
+        assert_no_sequence_ops(onnx.load(str(tmp_path / graph)))
+    final = onnx.load(str(tmp_path / (f"{stem}_{precision}.onnx" if precision != "fp32" else f"{stem}.simp.onnx")))
+    outputs = [o.name for o in final.graph.output]
+    assert outputs == (["pose_enc", "depth", "depth_conf"] + ([] if pcd else ["world_points", "world_points_conf"]))
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in final.graph.output)
+    report = _assert_report(tmp_path, stem, precision, built=True)
+    if precision != "fp32":
+        check = report["stages"]["precision_graph"]["verification"]
+        assert set(check["errors"]) == set(outputs)
+        assert all(e["rel_l2"] <= check["tolerance_rel_l2"] for e in check["errors"].values())
+        low = "fp16" if precision == "fp16" else "bf16"
+        assert report["stages"]["build"]["network_precision"]["output_dtypes"].get(low, 0) > 0
+    assert list((tmp_path / "logs").glob("vggt_to_trt-*.log"))
+
+
+def test_onnx_in_reuses_graph_and_skips_export(exported, tmp_path):
+    out = tmp_path / "again"
+    assert run(["--onnx-in", str(exported / "vggt-2x3x56x70.onnx"), "--precision", "fp16", "--skip-build",
+                "--output-dir", str(out)], tmp_path) == 0
+    report = _assert_report(out, "vggt-2x3x56x70", "fp16", built=False)
+    assert "skipped" in report["stages"]["export"] and report["stages"]["build"] == {"skipped": "--skip-build"}
+    assert not (out / "vggt-2x3x56x70_fp16.engine").exists()
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--export", "--model-name", "tiny", "--num-cams", "2", "--height", "50", "--width", "70"], "multiples of 14"),
+        (["--export", "--model-name", "tiny", "--num-cams", "0", "--height", "56", "--width", "56"], "at least 1"),
+        ([*TINY], "nothing to convert"),
+        (["--onnx-in", "/nonexistent/model.onnx"], "file not found"),
+        (["--export", "--model-name", "no-such-model", "--num-cams", "2", "--height", "56", "--width", "56"], "no-such-model"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, caplog, args, match):
+    assert run(args + ["--output-dir", str(tmp_path / "out")], tmp_path) == 2
+    assert any(match in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_unknown_precision_is_rejected(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--export", *TINY, "--precision", "int3", "--output-dir", str(tmp_path)], tmp_path)
+    assert e.value.code == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_non_vggt_onnx_in(tmp_path, caplog):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "toy", [x], [y]))
+    onnx.save(model, str(tmp_path / "toy.onnx"))
+    (tmp_path / "garbage.onnx").write_bytes(b"\x00not onnx at all")
+    assert run(["--onnx-in", str(tmp_path / "toy.onnx"), "--output-dir", str(tmp_path / "o")], tmp_path) == 2
+    assert any("is not a VGGT graph" in r.getMessage() for r in caplog.records)
+    assert run(["--onnx-in", str(tmp_path / "garbage.onnx"), "--output-dir", str(tmp_path / "o")], tmp_path) == 2
+    assert any("not a readable ONNX model" in r.getMessage() for r in caplog.records)
+
+
+def test_unwritable_output_dir(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    assert run(["--export", *TINY, "--output-dir", str(blocker / "sub")], tmp_path) == 2
+    assert any("cannot create output directory" in r.getMessage() for r in caplog.records)
+
+
+def test_weights_with_wrong_keys(tmp_path, caplog):
+    import torch
+
+    torch.save({"not_a_vggt_key": torch.zeros(3)}, tmp_path / "bad.pt")
+    assert run(["--export", *TINY, "--weights", str(tmp_path / "bad.pt"), "--output-dir", str(tmp_path / "o")], tmp_path) == 1
+    assert any("does not match the VGGT" in r.getMessage() and "unexpected" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "o" / "vggt-2x3x56x70.onnx").exists()
+
+
+def test_missing_tensorrt_module_says_how_to_install(exported, tmp_path, caplog):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("the full tensorrt module is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "o"
+    assert run(["--onnx-in", str(exported / "vggt-2x3x56x70.onnx"), "--precision", "fp32", "--backend", "tensorrt",
+                "--output-dir", str(out)], tmp_path) == 3
+    assert any("tensorrt" in r.getMessage() and "pip install" in r.getMessage() for r in caplog.records)
+
+
+@needs_rtx
+def test_failed_build_leaves_existing_engine_untouched(exported, tmp_path, caplog):
+    """fp8 for an SM86 target is impossible: rejected before building, the old engine stays."""
+    out = tmp_path / "o"
+    out.mkdir()
+    engine = out / "vggt-2x3x56x70_fp32.engine"
+    engine.write_bytes(b"previous engine")
+    shutil.copy(exported / "vggt-2x3x56x70.onnx", tmp_path / "in.onnx")
+    code = run(["--onnx-in", str(tmp_path / "in.onnx"), "--precision", "fp32", "--backend", "tensorrt-rtx",
+                "--compute-capability", "7.5", "--output-dir", str(out)], tmp_path)
+    assert code == 1
+    assert engine.read_bytes() == b"previous engine"
+    assert not (out / "vggt-2x3x56x70_fp32.json").exists()
