@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_json_atomic
+from .atomic import atomic_path, write_json_atomic
 from .errors import InputError
 from .export import ExportSpec
 
@@ -26,6 +26,8 @@ QDQ_PRECISIONS = ("fp8", "int8", "int4")
 REQUIRED_OUTPUTS = ("pose_enc", "depth", "depth_conf")
 # Largest graph (bytes of weights) whose cast/quantised copy is also checked numerically on CPU by default.
 VERIFY_MAX_BYTES = 512 << 20
+# Graphs above this size run their heavy stages (simplify, cast, quantise, build) in a fresh process each.
+ISOLATE_BYTES = 1 << 30
 CAST_TOLERANCE = {"fp16": 2e-2, "bf16": 5e-2}
 
 
@@ -108,32 +110,78 @@ def spec_from_onnx(path: Path) -> ExportSpec:
     return ExportSpec(shape[0], shape[2], shape[3], pcd_only="world_points" not in outputs, input_name=inputs[0]["name"])
 
 
+def calibration(opts: ConvertOptions, spec: ExportSpec):
+    """The calibration plan for ``--calib-data`` (loaded lazily, so a cached Q/DQ graph skips the images)."""
+    from .calib import calibration_set
+
+    return calibration_set(opts.calib_data, spec.num_cams, spec.height, spec.width,
+                           num_batches=opts.calib_batches, seed=opts.calib_seed)
+
+
+def model_weight_bytes(model_name: str) -> int:
+    """fp32 weight bytes of the model ``model_name`` resolves to, counted on the meta device (no allocation)."""
+    import torch
+
+    from .model.vggt import VGGT
+    from .model.weights import config_for_model_name
+
+    with torch.device("meta"):
+        model = VGGT(config_for_model_name(model_name))
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
 def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str, Any]:
     """Build the model (weights or seeded random), apply the quant mode, export to ``dst``."""
     from .export import export_onnx
     from .model.weights import build_model
 
     model = build_model(opts.model_name, weights=opts.weights, random_init=opts.random_init, seed=opts.seed)
-    report: dict[str, Any] = {"model": model.cfg.name, "random_weights": bool(opts.random_init or
-                                                                                (opts.weights is None and model.cfg.name == "tiny"))}
+    random_weights = bool(opts.random_init or (opts.weights is None and model.cfg.name == "tiny"))
+    report: dict[str, Any] = {"model": model.cfg.name, "random_weights": random_weights}
+    quant: dict[str, Any] | None = None
     if opts.quant_mode != "none":
         from .quantize import apply_quant_mode
 
-        report["quant_mode"] = apply_quant_mode(model, opts.quant_mode)
+        calib = calibration(opts, spec) if opts.quant_mode == "modelopt-fp8" else None
+        quant = apply_quant_mode(model, opts.quant_mode, calib)
     report.update(export_onnx(model, dst, spec))
+    if quant is not None:
+        from .quantize import finalize_quant_mode_graph
+
+        report["quant_mode"] = finalize_quant_mode_graph(dst, quant)
     return report
 
 
 def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
-    from .graph import assert_no_sequence_ops, remove_sequence_ops, repair_opset
-    from .onnx_io import load_onnx, node_count, save_onnx
+    """Rewrite sequence ops into tensor ops and repair the opset; writes ``dst`` (.NOSEQ.onnx).
 
-    model = load_onnx(src)
-    before = node_count(model)
-    model = repair_opset(remove_sequence_ops(model), opset)
-    assert_no_sequence_ops(model)
-    save_onnx(model, dst, restore=False)
-    return {"path": str(dst), "nodes_before": before, "nodes_after": node_count(model)}
+    A graph without sequence ops (what our exporter produces) is copied tensor by tensor and only
+    its header is edited, so a 4.6 GB graph never has to sit in memory.
+    """
+    from .errors import GraphError
+    from .graph import assert_no_sequence_ops, remove_sequence_ops, repair_opset
+    from .onnx_io import copy_onnx, load_onnx, node_count, save_onnx
+
+    structure = load_onnx(src, load_external_data=False)
+    try:
+        assert_no_sequence_ops(structure)
+    except GraphError as found:
+        logger.info("%s has sequence ops (%s); rewriting them", src.name, found)
+        model = load_onnx(src)
+        before = node_count(model)
+        model = repair_opset(remove_sequence_ops(model), opset)
+        assert_no_sequence_ops(model)
+        save_onnx(model, dst, restore=False)
+        return {"path": str(dst), "sequence_ops": "rewritten", "nodes_before": before, "nodes_after": node_count(model)}
+    copy_onnx(src, dst)
+    header = repair_opset(load_onnx(dst, load_external_data=False), opset)
+    with atomic_path(dst) as tmp:
+        import onnx
+
+        onnx.save_model(header, str(tmp))
+    logger.info("%s: no sequence ops; tensors copied, opset/IR header repaired", dst.name)
+    return {"path": str(dst), "sequence_ops": "none found", "nodes_before": node_count(header),
+            "nodes_after": node_count(header)}
 
 
 def stage_simplify(src: Path, dst: Path, skip: bool) -> dict[str, Any]:
@@ -178,15 +226,17 @@ def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: b
 def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts: ConvertOptions,
                    verify: bool) -> dict[str, Any]:
     """Q/DQ graph (ModelOpt ONNX PTQ) calibrated on ``--calib-data``, with its accuracy table."""
-    from .calib import load_calibration_batches
     from .quantize import accuracy_report, qdq_summary, quantize_onnx
 
-    calib = load_calibration_batches(opts.calib_data, spec.num_cams, spec.height, spec.width,
-                                     num_batches=opts.calib_batches, seed=opts.calib_seed)
+    calib = calibration(opts, spec)
     info = quantize_onnx(src, dst, precision, calib, input_name=spec.input_name, cache_dir=opts.output_dir)
     report: dict[str, Any] = {"path": str(dst), "quantize": info, "qdq": qdq_summary(dst)}
     if verify:
-        report["accuracy"] = accuracy_report(src, dst, spec, calib)
+        report["accuracy"] = accuracy_report(src, dst, spec, calib, random_weights=opts.random_init or
+                                             opts.model_name == "tiny")
+        from .metrics import format_accuracy_table
+
+        logger.info("accuracy of %s against fp32:\n%s", dst.name, format_accuracy_table(report["accuracy"]))
     else:
         report["accuracy"] = "skipped: graph too large for a CPU check (pass --verify to force)"
     return report
@@ -230,13 +280,50 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
-    t0 = time.perf_counter()
+def _child_init(log_file: str | None, level: int) -> None:
+    root = logging.getLogger()
+    root.setLevel(level)
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s [stage process] %(name)s: %(message)s"))
+    root.addHandler(handler)
+    if log_file:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(levelname)s [stage process] %(name)s: %(message)s"))
+        root.addHandler(console)
+
+
+def _child_call(fn, args, kwargs):
     result = fn(*args, **kwargs)
+    return result, peak_rss_gib()
+
+
+def _log_file() -> str | None:
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            return h.baseFilename
+    return None
+
+
+def _timed(timings: dict[str, float], name: str, fn, *args, isolate: bool = False, **kwargs):
+    """Run one stage, recording wall time and peak RSS; ``isolate`` runs it in a fresh process.
+
+    Isolation is for graphs of several GB: each heavy stage then starts from an empty heap and
+    gives all of its memory back, instead of stacking on what earlier stages left resident.
+    """
+    t0 = time.perf_counter()
+    if isolate:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1, initializer=_child_init, initargs=(_log_file(), logging.getLogger().level)) as pool:
+            result, rss = pool.apply(_child_call, (fn, args, kwargs))
+        where = "stage process peak RSS"
+    else:
+        result, rss = fn(*args, **kwargs), peak_rss_gib()
+        where = "process peak RSS so far"
     timings[name] = round(time.perf_counter() - t0, 3)
-    timings[f"{name}_peak_rss_gib"] = round(peak_rss_gib(), 3)
-    logger.info("stage %-18s done in %.1f s (process peak RSS so far %.2f GiB)", name, timings[name],
-                timings[f"{name}_peak_rss_gib"])
+    timings[f"{name}_peak_rss_gib"] = round(rss, 3)
+    logger.info("stage %-18s done in %.1f s (%s %.2f GiB)", name, timings[name], where, rss)
     return result
 
 
@@ -251,7 +338,8 @@ def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
     if opts.export:
         spec = ExportSpec(opts.num_cams, opts.height, opts.width, opts.pcd_only, opts.opset)
         raw = out / f"{spec.stem}.onnx"
-        shared["export"] = _timed(timings, "export", stage_export, opts, spec, raw)
+        shared["export"] = _timed(timings, "export", stage_export, opts, spec, raw,
+                                  isolate=model_weight_bytes(opts.model_name) > ISOLATE_BYTES)
     else:
         spec = spec_from_onnx(Path(opts.onnx_in))
         raw = Path(opts.onnx_in)
@@ -259,19 +347,25 @@ def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
         shared["export"] = {"skipped": f"--onnx-in {raw}"}
     noseq, simp = out / f"{spec.stem}.NOSEQ.onnx", out / f"{spec.stem}.simp.onnx"
     shared["remove_sequences"] = _timed(timings, "remove_sequences", stage_remove_sequences, raw, noseq, opts.opset)
-    shared["simplify"] = _timed(timings, "simplify", stage_simplify, noseq, simp, opts.no_simplify)
+    large = graph_bytes(noseq) > ISOLATE_BYTES
+    shared["simplify"] = _timed(timings, "simplify", stage_simplify, noseq, simp, opts.no_simplify, isolate=large)
     final = Path(shared["simplify"]["path"])
+    if shared["export"].get("quant_mode"):
+        from .quantize import finalize_quant_mode_graph
+
+        shared["quant_mode_check"] = _timed(timings, "quant_mode_check", finalize_quant_mode_graph, final,
+                                            shared["export"]["quant_mode"], isolate=large)
     shared["check"] = _timed(timings, "check", stage_check, final)
     verify = opts.verify if opts.verify is not None else graph_bytes(final) <= VERIFY_MAX_BYTES
     reports = []
     for precision in tqdm(opts.precisions, desc="precisions", unit="precision", disable=len(opts.precisions) < 2):
-        report = _convert_precision(opts, spec, final, precision, verify, dict(timings), shared)
+        report = _convert_precision(opts, spec, final, precision, verify, dict(timings), shared, large)
         reports.append(report)
     return reports
 
 
 def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, precision: str, verify: bool,
-                       timings: dict[str, float], shared: dict[str, Any]) -> dict[str, Any]:
+                       timings: dict[str, float], shared: dict[str, Any], large: bool) -> dict[str, Any]:
     from .onnx_io import io_summary, onnx_sha256
 
     out = opts.output_dir
@@ -282,11 +376,11 @@ def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, prec
     if precision in CAST_PRECISIONS and not legacy:
         graph = out / f"{spec.stem}_{precision}.onnx"
         report["stages"]["precision_graph"] = _timed(timings, f"cast_{precision}", stage_cast, final, graph,
-                                                     precision, spec, verify)
+                                                     precision, spec, verify, isolate=large)
     elif precision in QDQ_PRECISIONS:
         graph = out / f"{spec.stem}_{precision}.onnx"
         report["stages"]["precision_graph"] = _timed(timings, f"quantize_{precision}", stage_quantize, final, graph,
-                                                     precision, spec, opts, verify)
+                                                     precision, spec, opts, verify, isolate=large)
     else:
         why = "fp32 needs no precision graph" if precision == "fp32" else \
             "TensorRT 10 legacy path: weakly typed network with precision flags"
@@ -298,7 +392,8 @@ def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, prec
         logger.info("stage build              skipped: --skip-build (final ONNX: %s)", graph)
         report["stages"]["build"] = {"skipped": "--skip-build"}
     else:
-        report["stages"]["build"] = _timed(timings, f"build_{precision}", stage_build, graph, engine, precision, opts)
+        report["stages"]["build"] = _timed(timings, f"build_{precision}", stage_build, graph, engine, precision, opts,
+                                           isolate=large)
         report["engine"] = {"path": str(engine), "bytes": engine.stat().st_size}
     report["timings_s"] = timings
     report["random_weights"] = shared.get("export", {}).get("random_weights")
