@@ -13,9 +13,9 @@ from vggt_trt.cli_common import add_bool_aliases, run_cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     src = p.add_argument_group("input")
-    src.add_argument("--source", default="images", choices=("images",),
-                     help="images: a scene folder (videos and webcams come with the live pipeline)")
-    src.add_argument("--images", type=Path, required=True,
+    src.add_argument("--source", default="images", choices=("images", "videos", "webcams"),
+                     help="images: a scene folder; videos / webcams: the live pipeline (vggt_trt.live)")
+    src.add_argument("--images", type=Path,
                      help="scene root: one sub-folder of frames per camera (cam001/, cam005/ ...) or a flat "
                           "folder of images (one view each)")
     src.add_argument("--views", help="comma-separated cameras, e.g. cam001,cam005,cam012")
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the preprocessed views to out_dir/images (what the COLMAP model describes)")
     out.add_argument("--log-dir", type=Path, default=None, help="also log to a file here")
     p.add_argument("-v", "--verbose", action="store_true")
+    from vggt_trt.live import add_live_arguments
+
+    add_live_arguments(p)
     add_bool_aliases(p)
     return p
 
@@ -64,6 +67,17 @@ def run(args: argparse.Namespace) -> int:
     given = [n for n, v in (("--vggt_engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
     if len(given) > 1:
         raise InputError(f"give one model: {' and '.join(given)} both given")
+    if args.source != "images":
+        from vggt_trt.live import options_from_args, run_live
+
+        s = run_live(options_from_args(args))
+        print(f"{s['batches']} batches from {len(s['source']['cameras'])} cameras -> map of {s['map']['voxels']} "
+              f"voxels in {args.out_dir} ({s['batches_per_s'] or 0:.2f} batches/s)")
+        for e in s["source"]["events"]:
+            print(f"camera {e['camera']} {e['event']} at batch {e['batch']}: {e['reason']}")
+        return 0
+    if args.images is None:
+        raise InputError("--source images needs --images")
     backend = "engine" if args.vggt_engine else "onnx" if args.onnx else "torch"
     opts = PcdOptions(
         images=args.images, out_dir=args.out_dir, backend=backend, model_path=args.vggt_engine or args.onnx,

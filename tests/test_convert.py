@@ -166,3 +166,58 @@ def test_failed_build_leaves_existing_engine_untouched(exported, tmp_path, caplo
     assert code == 1
     assert engine.read_bytes() == b"previous engine"
     assert not (out / "vggt-2x3x56x70_fp32.json").exists()
+
+
+def _scene_images(root: Path, cams: int = 2, frames: int = 3) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(cams):
+        (root / f"cam{c:03d}").mkdir(parents=True)
+        for f in range(frames):
+            img = (rng.random((60, 80, 3)) * 255).astype("uint8")
+            Image.fromarray(img).save(root / f"cam{c:03d}" / f"{f:04d}.png")
+    return root
+
+
+@needs_rtx
+def test_all_precisions_from_one_export(tmp_path):
+    pytest.importorskip("modelopt.onnx.quantization")
+    calib = _scene_images(tmp_path / "calib")
+    out = tmp_path / "o"
+    assert run(["--export", *TINY, "--pcd-only", "--all-precisions", "--calib-data", str(calib),
+                "--calib-batches", "2", "--output-dir", str(out)], tmp_path) == 0
+    stem = "vggt-2x3x56x70-pcd"
+    for precision in ("fp16", "bf16", "fp8", "int8", "int4"):
+        report = _assert_report(out, stem, precision, built=True)
+        assert (out / f"{stem}_{precision}.onnx").is_file()
+        if precision in ("fp8", "int8", "int4"):
+            graph = report["stages"]["precision_graph"]
+            assert graph["qdq"]["dequantize_linear"] > 0
+            assert graph["qdq"]["quantized_weight_count"] > 0
+            assert graph["qdq"]["weight_bytes"] < graph["qdq"]["weight_bytes_if_fp32"]
+            accuracy = graph["accuracy"]
+            assert {"depth", "camera", "depth_conf"} <= set(accuracy)
+            assert "random" in accuracy["note"]
+    assert len(list(out.glob(f"{stem}.onnx"))) == 1  # one export for all of them
+
+
+@pytest.mark.parametrize("mode", ["torch-int8-dynamic", "bitsandbytes-8bit", "bitsandbytes-nf4", "bitsandbytes-fp4",
+                                  "modelopt-fp8"])
+def test_quant_modes_reach_the_graph_or_fail_with_reason(tmp_path, caplog, mode):
+    pytest.importorskip("modelopt")
+    out = tmp_path / "o"
+    code = run(["--export", *TINY, "--quant-mode", mode, "--precision", "fp32", "--skip-build",
+                "--calib-batches", "2", "--output-dir", str(out)], tmp_path)
+    if code != 0:
+        assert code in (2, 3)
+        assert any(mode in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        return
+    report = json.loads((out / "vggt-2x3x56x70_fp32.json").read_text())
+    quant = report["stages"]["export"]["quant_mode"]
+    assert quant["mode"] == mode and quant["quantized_layers"] > 0
+    assert quant["graph"]["quantized_weight_count"] >= quant["quantized_layers"]
+    survived = report["stages"]["quant_mode_check"]["graph"]
+    assert survived["quantized_weight_count"] >= quant["quantized_layers"]
+    assert survived["weight_bytes"] < survived["weight_bytes_if_fp32"]

@@ -281,6 +281,9 @@ def peak_rss_gib() -> float:
 
 
 def _child_init(log_file: str | None, level: int) -> None:
+    from .logs import quiet_third_party
+
+    quiet_third_party()
     root = logging.getLogger()
     root.setLevel(level)
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()

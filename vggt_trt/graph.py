@@ -291,6 +291,23 @@ class SimplifyResult:
         return asdict(self)
 
 
+# Peak memory of onnxslim (no shape inference, no folding) over graph bytes: 20.9 GiB for the 4.6 GiB
+# VGGT-1B pcd-only graph (docs/BENCHMARKS.md).
+SIMPLIFY_MEMORY_FACTOR = 4.6
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, None where that file does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def simplify(model_path: str | os.PathLike, out_path: str | os.PathLike, *, skip: bool = False,
              large_model_bytes: int = EXTERNAL_DATA_THRESHOLD) -> SimplifyResult:
     """Simplify with onnxslim into ``out_path``; on failure warn and copy the unsimplified graph there.
@@ -305,8 +322,20 @@ def simplify(model_path: str | os.PathLike, out_path: str | os.PathLike, *, skip
     if skip:
         logger.info("simplify: skipped on request (--no-simplify); using %s", src.name)
         return SimplifyResult("skipped", str(src), "skipped on request")
-    large = graph_bytes(src) > large_model_bytes
+    size = graph_bytes(src)
+    large = size > large_model_bytes
+    available = _available_memory()
+    if large and available is not None and available < SIMPLIFY_MEMORY_FACTOR * size:
+        reason = (f"onnxslim needs about {SIMPLIFY_MEMORY_FACTOR:g}x the graph size in memory "
+                  f"({SIMPLIFY_MEMORY_FACTOR * size / 2**30:.1f} GiB for {size / 2**30:.1f} GiB) and only "
+                  f"{available / 2**30:.1f} GiB is available")
+        logger.warning("simplify: skipped: %s; keeping the unsimplified graph (copied to %s)", reason, out.name)
+        copy_onnx(src, out)
+        return SimplifyResult("skipped", str(out), reason, {}, None, None, time.perf_counter() - t0)
     options: dict[str, Any] = {"no_shape_infer": True, "skip_optimizations": ["constant_folding"]} if large else {}
+    # MatMul+Add -> Reshape/Gemm(transB=1)/Reshape gains TensorRT nothing and hides the weights from
+    # blockwise int4 quantisation (ModelOpt blocks a transposed Gemm weight along the wrong axis).
+    options["skip_fusion_patterns"] = ["FusionGemm"]
     before = node_count(load_onnx(src, load_external_data=False))
     reason = ""
     try:

@@ -9,6 +9,15 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "modelopt", "polygraphy")
+
+
+def quiet_third_party() -> None:
+    """Third-party exporters log every pass at INFO; keep their warnings only."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def setup_logging(log_dir: str | Path | None, run_name: str, verbose: bool = False) -> Path | None:
     """Log INFO (DEBUG with ``verbose``) to the console and to ``<log_dir>/<run_name>-<time>.log``."""
     root = logging.getLogger()
@@ -21,8 +30,7 @@ def setup_logging(log_dir: str | Path | None, run_name: str, verbose: bool = Fal
     console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     console._vggt_trt = True  # type: ignore[attr-defined]
     root.addHandler(console)
-    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "modelopt", "polygraphy"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_third_party()
     if log_dir is None:
         return None
     path = Path(log_dir) / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"

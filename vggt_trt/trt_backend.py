@@ -200,7 +200,8 @@ def set_workspace(trt: Any, config: Any, nbytes: int, skipped: dict[str, str]) -
 
 def set_precision_flags(trt: Any, config: Any, info: BackendInfo, precision: str) -> list[str]:
     """Legacy weakly typed path (TensorRT 10): the builder flags that let TensorRT pick lower-precision kernels."""
-    flags = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"], "fp8": ["FP8", "FP16"]}
+    flags = {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"], "fp8": ["FP8", "FP16"],
+             "int4": ["INT4", "FP16"]}
     wanted = flags[precision]
     missing = [f for f in wanted if not hasattr(trt.BuilderFlag, f)]
     if missing:

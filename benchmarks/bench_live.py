@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Live loop throughput: synthetic cameras -> VGGT bootstrap + Depth Anything workers -> fused map, by stage.
+
+Defaults are the issue's H100 configuration: 8 cameras at 518x518, PyTorch backends with seeded random
+weights (VGGT ``vggt-1b`` preset, Depth Anything with the sizes of V2-Small, preset ``vits``), on CUDA.
+Cameras are replayed in-process through the sources' capture interface (no OpenCV devices needed), so the
+numbers are the pipeline's, not a camera's frame rate. Batch 0 runs VGGT (bootstrap, reported apart);
+``--vggt-every N`` adds refreshes. Output: JSON with per-stage latency (median/mean/p90) and batches/s.
+
+    PYTHONPATH=. python benchmarks/bench_live.py --json bench_live.json
+    PYTHONPATH=. python benchmarks/bench_live.py --device cpu --vggt tiny --depth tiny --size 56 --batches 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NEEDED = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "plyfile": "plyfile", "cv2": "opencv-python-headless",
+          "transformers": "transformers"}
+
+
+def check_environment(device: str) -> None:
+    """Fail fast, naming every missing package and a missing GPU."""
+    missing = [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        sys.exit(f"bench_live: missing packages: {', '.join(missing)} "
+                 f"(pip install -r requirements.txt -r requirements-live.txt)")
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"bench_live: --device {device} but torch {torch.__version__} sees no CUDA GPU "
+                 "(use --device cpu with --vggt tiny --depth tiny for a smoke test)")
+
+
+class SyntheticCamera:
+    """A capture that serves pre-rendered textured BGR frames instantly (cycles through ``frames``)."""
+
+    def __init__(self, frames: list) -> None:
+        self.frames, self.pos = frames, 0
+
+    def isOpened(self) -> bool:  # noqa: N802
+        return True
+
+    def read(self):
+        frame = self.frames[self.pos % len(self.frames)]
+        self.pos += 1
+        return True, frame
+
+    def release(self) -> None:
+        self.pos = 0
+
+
+def render_frames(cam: int, n: int, size: int):
+    import numpy as np
+
+    rng = np.random.default_rng(cam)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = []
+    for f in range(n):
+        base = np.stack([np.sin((xx + 3 * f) / (17 + cam)), np.cos(yy / (23 + 2 * cam)), np.sin((xx + yy) / 31)], -1)
+        out.append((127 + 100 * base + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-cams", type=int, default=8)
+    p.add_argument("--size", type=int, default=518, help="frame and model input size (square, multiple of 14)")
+    p.add_argument("--batches", type=int, default=30, help="lock-step batches (the first bootstraps VGGT)")
+    p.add_argument("--vggt", default="vggt-1b", help="VGGT preset (random weights)")
+    p.add_argument("--depth", default="vits", help="Depth Anything preset (random weights): vits or tiny")
+    p.add_argument("--precision", default="fp32", help="VGGT torch precision (fp32, bf16-autocast, fp16, ...)")
+    p.add_argument("--depth-precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--depth-workers", type=int, help="default: num cams")
+    p.add_argument("--vggt-every", type=int, default=0)
+    p.add_argument("--pixel-stride", type=int, default=2)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    check_environment(args.device)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from vggt_trt.live import LiveOptions, run_live
+    from vggt_trt.runtime import TorchRunner
+    from vggt_trt.sources import CameraSpec
+
+    cams = [CameraSpec(f"cam{i:02d}", i, live=False) for i in range(args.num_cams)]
+    frames = {c.name: render_frames(i, 4, args.size) for i, c in enumerate(cams)}
+    vggt = TorchRunner(model_name=args.vggt, random_init=True, precision=args.precision, device=args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = LiveOptions(source="webcams", out_dir=Path(tmp), model_name=args.vggt, device=args.device,
+                           depth_model=args.depth, depth_random_init=True, depth_precision=args.depth_precision,
+                           depth_workers=args.depth_workers, max_batches=args.batches, vggt_every=args.vggt_every,
+                           target_size=args.size, pixel_stride=args.pixel_stride, save_batches=False,
+                           stall_timeout=600.0)
+        t0 = time.perf_counter()
+        summary = run_live(opts, cameras=cams, capture_factory=lambda spec: SyntheticCamera(frames[spec.name]),
+                           vggt_runner=vggt)
+        total = time.perf_counter() - t0
+    lat = summary["latency_ms"]
+    steady = {k: v["median"] for k, v in lat.items() if k not in ("vggt", "fit")}
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch": torch.__version__, "batches": summary["batches"], "wall_s": round(total, 3),
+        "batches_per_s": summary["batches_per_s"], "frames_per_s": summary["frames_per_s"],
+        "steady_state_batch_ms_sum_of_medians": sum(steady.values()),
+        "steady_state_batches_per_s": 1e3 / sum(steady.values()) if steady else None,
+        "latency_ms": lat, "vggt_runs": summary["vggt"]["runs"], "startup_ms": summary["startup_ms"],
+        "map": summary["map"] | {"voxels_per_batch": summary["map"]["voxels_per_batch"][-3:]},
+        "depth_workers": summary["depth"]["workers"],
+        "note": "random weights: timing only; batches_per_s includes the VGGT bootstrap batch",
+    }
+    text = json.dumps(result, indent=2, default=str)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

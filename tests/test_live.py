@@ -1,0 +1,137 @@
+"""Live loop: synthetic multi-camera videos -> tiny VGGT + tiny Depth Anything -> fused map (CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cv2", reason="the live sources need OpenCV (requirements-live.txt)")
+pytest.importorskip("transformers", reason="Depth Anything needs transformers (requirements-live.txt)")
+
+from test_sources import ReplayCapture, _frames, make_videos, replay_factory  # noqa: E402
+
+from vggt_trt.live import LiveOptions, VoxelMap, fit_scale_shift, frames_to_input, run_live  # noqa: E402
+from vggt_trt.pointcloud import read_ply  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("pcd_inference_live", ROOT / "pcd_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = _cli()
+BASE = ["--torch", "--model-name", "tiny", "--depth_model", "tiny"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_videos(tmp_path_factory.mktemp("live") / "vids", cams=3, frames=6, short={1: 3})
+
+
+def test_fit_scale_shift_is_robust() -> None:
+    rng = np.random.default_rng(0)
+    disp = rng.uniform(0.2, 2.0, 5000)
+    target = 0.7 * disp + 0.05 + rng.normal(0, 0.002, disp.size)
+    target[:600] = rng.uniform(0, 5, 600)  # 12 % gross outliers
+    fit = fit_scale_shift(disp, target)
+    assert fit.scale == pytest.approx(0.7, rel=0.01) and fit.shift == pytest.approx(0.05, abs=0.01)
+    assert 0.6 < fit.inliers < 0.88 and fit.n == 5000  # Huber: full weight within 1.345 sigma
+
+
+def test_voxel_map_merges_and_stays_bounded() -> None:
+    vm = VoxelMap(0.1, max_voxels=3)
+    pts = np.array([[0.01, 0, 0], [0.03, 0, 0], [0.5, 0, 0]], np.float32)
+    assert vm.insert(pts, np.array([[0, 0, 0], [100, 100, 100], [9, 9, 9]], np.uint8), 0) == 2
+    xyz, rgb, count = vm.points()
+    assert len(vm) == 2 and xyz[0, 0] == pytest.approx(0.02) and rgb[0, 0] == 50 and count.tolist() == [2, 1]
+    vm.insert(np.array([[1.5, 0, 0], [2.5, 0, 0]], np.float32), np.zeros((2, 3), np.uint8), 1)
+    assert len(vm) == 3 and vm.evicted == 1  # the oldest, least observed voxel went
+    assert 0.5 not in np.round(vm.points()[0][:, 0], 2)
+    vm.insert(np.array([[1e9, 0, 0]], np.float32), np.zeros((1, 3), np.uint8), 2)
+    assert vm.out_of_range == 1
+
+
+def test_frames_to_input_crops_to_aspect_and_maps_pixels() -> None:
+    frame = np.zeros((48, 64, 3), np.uint8)
+    frame[:, 32:] = 255  # right half white
+    img, maps = frames_to_input([frame], 42, 42)
+    assert img.shape == (1, 3, 42, 42) and img.max() <= 1
+    (ax, ay), (bx, by) = maps[0]
+    assert ax == pytest.approx(42 / 48) and bx == pytest.approx(-8 * 42 / 48) and by == 0
+    assert img[0, 0, :, 30].mean() == pytest.approx(1.0) and img[0, 0, :, 10].mean() == 0
+
+
+def test_videos_live_run_calibrates_fuses_and_reuses(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run1"
+    calib = tmp_path / "calib.json"
+    rc = CLI.main(["--source", "videos", "--videos", str(videos), *BASE, "--max_batches", "4", "--min_cams", "2",
+                   "--vggt_every", "2", "--per_camera_calib", str(calib), "--out_dir", str(out)])
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["batches"] == 4 and s["batches_per_s"] > 0
+    # camera cam01's video has 3 frames: reported by name, the loop went on with the two others
+    assert [(e["camera"], e["event"], e["batch"]) for e in s["source"]["events"]] == [("cam01", "ended", 3)]
+    assert s["source"]["active"] == ["cam00", "cam02"]
+    growth = s["map"]["voxels_per_batch"]
+    assert len(growth) == 4 and growth == sorted(growth) and growth[-1] > growth[0] > 0
+    for stage in ("read", "preprocess", "vggt", "depth", "fit", "unproject", "fuse"):
+        assert s["latency_ms"][stage]["n"] >= 1, stage
+    assert [r["batch"] for r in s["vggt"]["runs"]] == [0, 2] and s["depth"]["workers"] == 3
+    doc = json.loads(calib.read_text())
+    assert doc["input_hw"] == [42, 56] and set(doc["cameras"]) == {"cam00", "cam01", "cam02"}
+    fitted = {n: c for n, c in doc["cameras"].items() if c["scale"] is not None}
+    assert fitted and all(c["scale"] > 0 and c["updates"] >= 1 for c in fitted.values())
+    assert all(len(c["extrinsic"]) == 3 and len(c["intrinsic"]) == 3 for c in doc["cameras"].values())
+    final = read_ply(out / "map.ply")
+    assert final["xyz"].shape == (growth[-1], 3) and np.isfinite(final["xyz"]).all() and final["rgb"].dtype == np.uint8
+    assert len(s["files"]["batches"]) == 4 and read_ply(s["files"]["batches"][0])["xyz"].shape[0] > 0
+    assert json.loads((out / "cameras.json").read_text())["cameras"][0]["height"] == 42
+
+    # second run: the stored calibration is reused (no VGGT bootstrap) and the first map seeds this one
+    out2 = tmp_path / "run2"
+    rc = CLI.main(["--source", "videos", "--videos", str(videos), *BASE, "--max_batches", "2", "--views",
+                   "cam00,cam02", "--per_camera_calib", str(calib), "--initial_map", str(out / "map.ply"),
+                   "--no_save_batches", "--out_dir", str(out2)])
+    assert rc == 0
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert s2["vggt"]["runs"] == [] and "vggt" not in s2["latency_ms"]
+    assert s2["map"]["voxels_per_batch"][0] >= growth[-1]  # seeded with the first run's map
+    doc2 = json.loads(calib.read_text())
+    for name in fitted:
+        if name in ("cam00", "cam02"):
+            assert doc2["cameras"][name]["scale"] == pytest.approx(fitted[name]["scale"])
+            assert doc2["cameras"][name]["extrinsic"] == fitted[name]["extrinsic"]
+    assert s2["files"]["batches"] == []
+
+
+def test_camera_ending_early_stops_cleanly_when_all_needed(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = run_live(LiveOptions(source="videos", videos=videos, out_dir=out, model_name="tiny",
+                                   depth_model="tiny", max_batches=10))
+    assert summary["batches"] == 3  # cam01 ended after 3 frames; min_cams defaults to all cameras
+    assert "cam01 (ended)" in summary["source"]["stop_reason"]
+    assert read_ply(out / "map.ply")["xyz"].shape[0] == summary["map"]["voxels"] > 0
+
+
+def test_webcams_with_replayed_captures_and_onnx_depth_workers(tmp_path: Path) -> None:
+    from vggt_trt.depth_anything import DepthSpec, convert_depth_anything
+    from vggt_trt.sources import parse_webcams
+
+    depth_dir = tmp_path / "depth_anything"
+    convert_depth_anything(DepthSpec("tiny", 1, 42, 56), depth_dir, ["fp32"], skip_build=True)
+    caps = {"front": ReplayCapture(_frames(0), delay=0.005), "back": ReplayCapture(_frames(2), delay=0.005)}
+    opts = LiveOptions(source="webcams", webcams=["front=0", "back=1"], out_dir=tmp_path / "out", model_name="tiny",
+                       depth_engine_dir=depth_dir, depth_backend="onnx", depth_workers=1, max_batches=3)
+    summary = run_live(opts, cameras=parse_webcams(opts.webcams), capture_factory=replay_factory(caps))
+    assert summary["batches"] == 3 and summary["source"]["events"] == []
+    assert summary["depth"]["workers"] == 1 and summary["depth"]["runner"]["backend"] == "onnx"
+    assert summary["source"]["kind"] == "webcams" and summary["map"]["voxels"] > 0
+    assert all(c.released.is_set() for c in caps.values())
