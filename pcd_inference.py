@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--mask-black-bg", action="store_true", help="drop near-black pixels")
     proc.add_argument("--mask-white-bg", action="store_true", help="drop near-white pixels")
     proc.add_argument("--voxel_size", type=float, help="voxel downsampling size (cloud units)")
+    proc.add_argument("--colmap_max_points", type=int, default=200_000,
+                      help="points written to COLMAP points3D.txt (uniform sample; 0 = all; the PLY has all)")
     out = p.add_argument_group("output")
     out.add_argument("--out_dir", type=Path, required=True)
     out.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,
         preprocess=args.preprocess, target_size=args.target_size, conf_threshold=args.conf_threshold,
         conf_percentile=args.conf_percentile or None, mask_black_bg=args.mask_black_bg,
-        mask_white_bg=args.mask_white_bg, voxel_size=args.voxel_size, save_images=args.save_images)
+        mask_white_bg=args.mask_white_bg, voxel_size=args.voxel_size, save_images=args.save_images,
+        colmap_max_points=args.colmap_max_points)
     summary = run_pcd(opts)
     pts, t = summary["points"], summary["timings_ms"]
     print(f"{len(summary['scene']['views'])} views ({', '.join(summary['scene']['views'])}) -> "

@@ -223,3 +223,14 @@ def test_engine_backend_without_gpu_writes_nothing(scene: Path, tmp_path: Path,
     out = tmp_path / "out"
     assert _run(["--images", str(scene), "--vggt_engine", str(engine), "--out_dir", str(out)]) == 1
     assert "only on an NVIDIA GPU" in capsys.readouterr().err and not out.exists()
+
+
+def test_colmap_points_are_capped_but_ply_keeps_all(scene: Path, tmp_path: Path) -> None:
+    from vggt_trt.pointcloud import read_ply
+
+    out = tmp_path / "out"
+    assert _run(["--images", str(scene), "--torch", "--model-name", "tiny", "--num-cams", "4",
+                 "--colmap_max_points", "50", "--out_dir", str(out)]) == 0
+    lines = [ln for ln in (out / "sparse" / "0" / "points3D.txt").read_text().splitlines() if not ln.startswith("#")]
+    assert len(lines) == 50
+    assert read_ply(out / "points.ply")["xyz"].shape[0] > 50

@@ -55,6 +55,7 @@ class PcdOptions:
     mask_white_bg: bool = False
     voxel_size: float | None = None
     save_images: bool = True
+    colmap_max_points: int = 200_000  # points3D.txt is text: ~2 s per million points; 0 writes all
 
     def validate(self) -> None:
         if self.backend not in ("engine", "onnx", "torch"):
@@ -276,8 +277,15 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
     image_names = [f"{n}.png" for n in names]
     files = {"ply": pc.write_ply(out_dir / "points.ply", xyz, rgb, pconf),
              "cameras": pc.write_cameras_json(out_dir / "cameras.json", extr_np, intr_np, image_names, hw)}
+    timer.lap("write_ply")
+    sparse = np.arange(xyz.shape[0])
+    if 0 < opts.colmap_max_points < xyz.shape[0]:
+        sparse = np.sort(np.random.default_rng(0).choice(xyz.shape[0], opts.colmap_max_points, replace=False))
+        logger.info("COLMAP points3D.txt: %d of %d points (uniform sample; --colmap_max_points 0 writes all)",
+                    sparse.size, xyz.shape[0])
     files.update({f"colmap_{k}": v for k, v in pc.write_colmap_text(out_dir / "sparse" / "0", extr_np, intr_np,
-                                                                    image_names, hw, xyz, rgb).items()})
+                                                                    image_names, hw, xyz[sparse], rgb[sparse]).items()})
+    timer.lap("write_colmap")
     with atomic_path(out_dir / "depth.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, depth=_np(depth).astype(np.float32), depth_conf=_np(conf).astype(np.float32),
