@@ -154,8 +154,20 @@ def test_missing_tensorrt_module_says_how_to_install(exported, tmp_path, caplog)
 
 
 @needs_rtx
+def test_precision_not_supported_by_target_is_rejected_before_building(exported, tmp_path, caplog):
+    pytest.importorskip("modelopt.onnx.quantization")
+    out = tmp_path / "o"
+    code = run(["--onnx-in", str(exported / "vggt-2x3x56x70.onnx"), "--precision", "fp8", "--backend", "tensorrt-rtx",
+                "--compute-capability", "8.6", "--calib-batches", "1", "--output-dir", str(out)], tmp_path)
+    assert code == 2
+    assert any("fp8" in r.getMessage().lower() and "8.6" in r.getMessage().replace("SM86", "8.6").replace("sm86", "8.6")
+               for r in caplog.records if r.levelname == "ERROR"), [r.getMessage() for r in caplog.records]
+    assert not (out / "vggt-2x3x56x70_fp8.engine").exists()
+
+
+@needs_rtx
 def test_failed_build_leaves_existing_engine_untouched(exported, tmp_path, caplog):
-    """fp8 for an SM86 target is impossible: rejected before building, the old engine stays."""
+    """fp32 GEMMs cannot be compiled for Turing (SM75): the build fails and the old engine stays."""
     out = tmp_path / "o"
     out.mkdir()
     engine = out / "vggt-2x3x56x70_fp32.engine"

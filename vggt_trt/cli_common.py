@@ -14,14 +14,15 @@ EXIT_CODES = {InputError: 2, MissingDependencyError: 3}
 
 
 def add_bool_aliases(parser: argparse.ArgumentParser) -> None:
-    """Accept both spellings of every long flag: --num-cams and --num_cams."""
+    """Accept both spellings of every long flag: --num-cams and --num_cams (help shows the declared one)."""
     for action in list(parser._actions):
-        extra = [s.replace("-", "_") if s.startswith("--") else None for s in action.option_strings]
-        extra += [("--" + s[2:].replace("_", "-")) if s.startswith("--") else None for s in action.option_strings]
-        for alias in extra:
-            if alias and alias not in parser._option_string_actions:
-                parser._option_string_actions[alias] = action
-                action.option_strings.append(alias)
+        for flag in list(action.option_strings):
+            if not flag.startswith("--"):
+                continue
+            body = flag[2:]
+            for alias in ("--" + body.replace("-", "_"), "--" + body.replace("_", "-")):
+                if alias not in parser._option_string_actions:
+                    parser._option_string_actions[alias] = action
 
 
 def run_cli(job: Callable[[], int], log_dir: Path | None, name: str, verbose: bool) -> int:

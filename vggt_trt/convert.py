@@ -88,6 +88,18 @@ def check_writable(directory: Path) -> None:
         raise InputError(f"output directory is not writable: {directory}")
 
 
+def preflight_build(opts: ConvertOptions) -> None:
+    """Reject missing TensorRT modules and precision/target combinations before any export work."""
+    if opts.skip_build:
+        return
+    from .build import resolve_compute_capabilities
+    from .trt_backend import import_tensorrt
+
+    trt, info = import_tensorrt(opts.backend)
+    for precision in opts.precisions:
+        resolve_compute_capabilities(trt, info, precision, list(opts.compute_capabilities) or None)
+
+
 def spec_from_onnx(path: Path) -> ExportSpec:
     """Read the export shape from an existing graph; raise InputError when it is not a VGGT graph."""
     from .onnx_io import io_summary
@@ -335,6 +347,7 @@ def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     opts.validate()
+    preflight_build(opts)
     out = opts.output_dir
     timings: dict[str, float] = {}
     shared: dict[str, Any] = {}
