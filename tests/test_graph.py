@@ -232,9 +232,11 @@ def test_simplify_modes_skip_and_fallback(toy_onnx, tmp_path, monkeypatch):
     feeds = {"images": IMAGES}
     ref = G.run_onnx(toy_onnx, feeds)
     res = G.simplify(toy_onnx, tmp_path / "a.simp.onnx")
-    assert res.status == "simplified" and res.nodes_after < res.nodes_before and res.options == {}
+    assert res.status == "simplified" and res.nodes_after < res.nodes_before
+    assert res.options == {"skip_fusion_patterns": ["FusionGemm"]}
     big = G.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
-    assert big.options == {"no_shape_infer": True, "skip_optimizations": ["constant_folding"]}
+    assert big.options == {"no_shape_infer": True, "skip_optimizations": ["constant_folding"],
+                           "skip_fusion_patterns": ["FusionGemm"]}
     assert (tmp_path / "b.simp.onnx.data").is_file()
     for r in (res, big):
         np.testing.assert_allclose(G.run_onnx(r.path, feeds)["depth"], ref["depth"], rtol=1e-5, atol=1e-6)
@@ -339,3 +341,13 @@ def test_assert_accuracy_lists_every_output_over_tolerance(toy_onnx, tmp_path):
         G.run_onnx(toy_onnx, {"wrong_name": IMAGES})
     with pytest.raises(GraphError, match="ONNX Runtime cannot run"):
         G.run_onnx(toy_onnx, {"images": IMAGES[:, :2]})
+
+
+def test_simplify_keeps_matmul_and_skips_when_memory_is_short(toy_onnx, tmp_path, monkeypatch):
+    res = G.simplify(toy_onnx, tmp_path / "a.simp.onnx")
+    ops = [n.op_type for n in onnx.load(res.path).graph.node]
+    assert "Gemm" not in ops and "MatMul" in ops
+    monkeypatch.setattr(G, "_available_memory", lambda: 1024)
+    short = G.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
+    assert short.status == "skipped" and "available" in short.reason
+    assert (tmp_path / "b.simp.onnx").is_file()
