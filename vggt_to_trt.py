@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vggt_trt.cli_common import add_bool_aliases, run_cli
 from vggt_trt.convert import PRECISIONS, ConvertOptions, convert, parse_precisions
-from vggt_trt.quantize import QUANT_MODES
+from vggt_trt.quant_modes import QUANT_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from vggt_trt.calib import calibration_set, synthetic_images  # noqa: E402
 from vggt_trt.errors import GraphError, InputError  # noqa: E402
+from vggt_trt import quant_modes as qm  # noqa: E402
 from vggt_trt import quantize as q  # noqa: E402
 
 OUTPUTS = ("pose_enc", "depth", "depth_conf")
@@ -322,18 +323,18 @@ def test_quant_mode_reaches_graph(mode, toy, work, eval_batches, fp32_ref):
     if mode == "modelopt-fp8":
         pytest.importorskip("modelopt.torch.quantization", reason="modelopt.torch is not importable")
     model = copy.deepcopy(toy)
-    report = q.apply_quant_mode(model, mode, calibration_set(None, S, H, W, num_batches=4, seed=2))
+    report = qm.apply_quant_mode(model, mode, calibration_set(None, S, H, W, num_batches=4, seed=2))
     assert report["quantized_layers"] == 9 and not report["kept_float"]  # 8 block Linears + camera Linear
     with torch.no_grad():
         eager = [model(torch.from_numpy(b)) for b in eval_batches[:2]]
     path = export(model, work / f"mode_{mode}.onnx")
-    report = q.finalize_quant_mode_graph(path, report)
+    report = qm.finalize_quant_mode_graph(path, report)
     graph = report["graph"]
     assert set(graph["quantized_weights"]) == {MODE_DTYPE[mode]} and graph["quantized_weight_count"] == 9
     assert graph["weight_bytes"] < 0.6 * graph["weight_bytes_if_fp32"]
     assert (graph["quantize_linear"] > 0) == (mode == "modelopt-fp8")  # the others are weight-only
     json.dumps(report)
-    assert q.finalize_quant_mode_graph(path, report)["graph"] == graph  # idempotent: a re-check after later passes
+    assert qm.finalize_quant_mode_graph(path, report)["graph"] == graph  # idempotent: a re-check after later passes
     got = run_ort(path, eval_batches)
     assert worst_rel(fp32_ref, got) < MODE_TOL[mode]
     eager = [dict(zip(OUTPUTS, (v.numpy() for v in e))) for e in eager]
@@ -343,31 +344,31 @@ def test_quant_mode_reaches_graph(mode, toy, work, eval_batches, fp32_ref):
 
 def test_quant_mode_none_and_bad_modes(toy):
     model = copy.deepcopy(toy)
-    assert q.apply_quant_mode(model, "none")["quantized_layers"] == 0
+    assert qm.apply_quant_mode(model, "none")["quantized_layers"] == 0
     with pytest.raises(InputError, match="--quant-mode must be one of"):
-        q.apply_quant_mode(model, "bitsandbytes-int3")
+        qm.apply_quant_mode(model, "bitsandbytes-int3")
     with pytest.raises(InputError, match="no nn.Linear"):
-        q.apply_quant_mode(nn.Sequential(nn.Conv2d(3, 3, 1)), "bitsandbytes-8bit")
+        qm.apply_quant_mode(nn.Sequential(nn.Conv2d(3, 3, 1)), "bitsandbytes-8bit")
     if q._modelopt_version() != "unknown":
         with pytest.raises(InputError, match="needs calibration"):
-            q.apply_quant_mode(model, "modelopt-fp8", None)
+            qm.apply_quant_mode(model, "modelopt-fp8", None)
 
 
 def test_finalize_refuses_float_weights_under_a_quantised_label(fp32_onnx, work):
     claimed = {"mode": "bitsandbytes-8bit", "quantized_layers": 9}
     with pytest.raises(GraphError, match="refusing to label float weights"):
-        q.finalize_quant_mode_graph(fp32_onnx, claimed, work / "lie.onnx")
+        qm.finalize_quant_mode_graph(fp32_onnx, claimed, work / "lie.onnx")
     assert not (work / "lie.onnx").exists()
 
 
 def test_nf4_emulation_matches_the_bitsandbytes_grid():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 128)).astype(np.float32)
-    grid = q._codebook_roundtrip(w, q._BNB_CODES["nf4"], 64)
+    grid = qm._codebook_roundtrip(w, qm._BNB_CODES["nf4"], 64)
     blocks, gblocks = w.reshape(8, 2, 64), grid.reshape(8, 2, 64)
     absmax = np.abs(blocks).max(-1, keepdims=True)
     np.testing.assert_allclose(np.abs(gblocks).max(-1, keepdims=True), absmax, rtol=1e-6)  # +-1 codes exist
-    codes = np.asarray(q._BNB_CODES["nf4"], dtype=np.float32)
+    codes = np.asarray(qm._BNB_CODES["nf4"], dtype=np.float32)
     normed = gblocks / absmax
     assert np.abs(normed[..., None] - codes).min(-1).max() < 1e-6  # every value is a code-book entry
     nearest = codes[np.abs((blocks / absmax)[..., None] - codes).argmin(-1)]
@@ -377,7 +378,7 @@ def test_nf4_emulation_matches_the_bitsandbytes_grid():
     for kind in ("nf4", "fp4"):  # bitsandbytes >= 0.46 quantises on the CPU too
         packed, state = bnb.functional.quantize_4bit(wt, blocksize=64, quant_type=kind, compress_statistics=False)
         np.testing.assert_array_equal(bnb.functional.dequantize_4bit(packed, state).numpy(),
-                                      q._codebook_roundtrip(w, q._BNB_CODES[kind], 64))
+                                      qm._codebook_roundtrip(w, qm._BNB_CODES[kind], 64))
     codes, absmax, _ = bnb.functional.int8_vectorwise_quant(wt)
     np.testing.assert_array_equal(codes.numpy(), np.rint(w * (127.0 / np.abs(w).max(1, keepdims=True))))
     np.testing.assert_array_equal(absmax.numpy(), np.abs(w).max(1))
@@ -385,10 +386,10 @@ def test_nf4_emulation_matches_the_bitsandbytes_grid():
 
 def test_fold_pass_makes_int4_blocks(toy, work):
     model = copy.deepcopy(toy)
-    q.apply_quant_mode(model, "bitsandbytes-nf4")
+    qm.apply_quant_mode(model, "bitsandbytes-nf4")
     proto = onnx.load(str(export(model, work / "fold.onnx")))
     before = sum(n.op_type == "Mul" for n in proto.graph.node)
-    stats = q.fold_weight_dequant_to_dq(proto)
+    stats = qm.fold_weight_dequant_to_dq(proto)
     assert stats["int4_block_dq_folded"] == 9
     assert sum(n.op_type == "Mul" for n in proto.graph.node) == before - 9
     dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
@@ -408,7 +409,8 @@ def test_quant_mode_exports_in_a_fresh_process(tmp_path):
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_quantize import Toy, export
-from vggt_trt.quantize import apply_quant_mode, qdq_summary
+from vggt_trt.quant_modes import apply_quant_mode
+from vggt_trt.quantize import qdq_summary
 model = Toy().eval()
 apply_quant_mode(model, "bitsandbytes-8bit")
 path = export(model, __import__("pathlib").Path({str(tmp_path / "fresh.onnx")!r}))

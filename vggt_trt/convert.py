@@ -152,13 +152,13 @@ def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str,
     report: dict[str, Any] = {"model": model.cfg.name, "random_weights": random_weights}
     quant: dict[str, Any] | None = None
     if opts.quant_mode != "none":
-        from .quantize import apply_quant_mode
+        from .quant_modes import apply_quant_mode
 
         calib = calibration(opts, spec) if opts.quant_mode == "modelopt-fp8" else None
         quant = apply_quant_mode(model, opts.quant_mode, calib)
     report.update(export_onnx(model, dst, spec))
     if quant is not None:
-        from .quantize import finalize_quant_mode_graph
+        from .quant_modes import finalize_quant_mode_graph
 
         report["quant_mode"] = finalize_quant_mode_graph(dst, quant)
     return report
@@ -367,7 +367,7 @@ def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
     shared["simplify"] = _timed(timings, "simplify", stage_simplify, noseq, simp, opts.no_simplify, isolate=large)
     final = Path(shared["simplify"]["path"])
     if shared["export"].get("quant_mode"):
-        from .quantize import finalize_quant_mode_graph
+        from .quant_modes import finalize_quant_mode_graph
 
         shared["quant_mode_check"] = _timed(timings, "quant_mode_check", finalize_quant_mode_graph, final,
                                             shared["export"]["quant_mode"], isolate=large)
