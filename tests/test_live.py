@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 pytest.importorskip("cv2", reason="the live sources need OpenCV (requirements-live.txt)")
 pytest.importorskip("transformers", reason="Depth Anything needs transformers (requirements-live.txt)")
 
+from scripts import load_script  # noqa: E402
 from test_sources import ReplayCapture, _frames, make_videos, replay_factory  # noqa: E402
 
 from vggt_trt.live import LiveOptions, VoxelMap, fit_scale_shift, frames_to_input, run_live  # noqa: E402
@@ -20,14 +20,7 @@ from vggt_trt.pointcloud import read_ply  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("pcd_inference_live", ROOT / "pcd_inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = _cli()
+CLI = load_script("pcd_inference.py", "pcd_inference_live")
 BASE = ["--torch", "--model-name", "tiny", "--depth_model", "tiny"]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,18 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from scripts import load_script  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CAMS = ["cam001", "cam005", "cam012", "cam020", "cam024"]
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("pcd_inference_cli", ROOT / "pcd_inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = _load_cli()
+CLI = load_script("pcd_inference.py", "pcd_inference_cli")
 
 
 def _textured(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:

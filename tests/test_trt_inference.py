@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,19 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scripts import load_script  # noqa: E402
 from test_runtime import build_rtx_engine, export_tiny  # session-cached tiny ONNX / engine helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("trt_inference_cli", ROOT / "trt_inference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = _load_cli()
+CLI = load_script("trt_inference.py", "trt_inference_cli")
 
 
 @pytest.fixture(scope="module")
