@@ -142,6 +142,20 @@ def model_weight_bytes(model_name: str) -> int:
     return sum(p.numel() * 4 for p in model.parameters())
 
 
+def calibration_providers(calib_cpu: bool) -> tuple[str, ...]:
+    """ONNX Runtime providers for ModelOpt calibration: the CUDA EP when installed, unless --calib-cpu."""
+    import onnxruntime as ort
+
+    if calib_cpu:
+        logger.info("calibration on the host (--calib-cpu)")
+        return ("cpu",)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        logger.info("calibration with the ONNX Runtime CUDA execution provider (--calib-cpu keeps it on the host)")
+        return ("cuda:0", "cpu")
+    logger.info("calibration on the host: this onnxruntime has no CUDA execution provider (onnxruntime-gpu has)")
+    return ("cpu",)
+
+
 def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str, Any]:
     """Build the model (weights or seeded random), apply the quant mode, export to ``dst``."""
     from .export import export_onnx
@@ -241,7 +255,8 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
     from .quantize import accuracy_report, qdq_summary, quantize_onnx
 
     calib = calibration(opts, spec)
-    info = quantize_onnx(src, dst, precision, calib, input_name=spec.input_name, cache_dir=opts.output_dir)
+    info = quantize_onnx(src, dst, precision, calib, input_name=spec.input_name, cache_dir=opts.output_dir,
+                         calibration_eps=calibration_providers(opts.calib_cpu))
     report: dict[str, Any] = {"path": str(dst), "quantize": info, "qdq": qdq_summary(dst)}
     if verify:
         report["accuracy"] = accuracy_report(src, dst, spec, calib, random_weights=opts.random_init or
