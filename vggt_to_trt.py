@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calib-batches", type=int, default=32)
     cal.add_argument("--calib-seed", type=int, default=1337)
     cal.add_argument("--calib-cpu", action="store_true", help="keep calibration batches on the host")
+    cal.add_argument("--int8-calibrator", action="store_true",
+                     help="TensorRT 10 only: classic IInt8EntropyCalibrator2 with calibration cache instead of Q/DQ")
     p.add_argument("-v", "--verbose", action="store_true")
     add_bool_aliases(p)
     return p
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             no_simplify=args.no_simplify, backend=args.backend, skip_build=args.skip_build,
             compute_capabilities=tuple(args.compute_capabilities), calib_data=args.calib_data,
             calib_batches=args.calib_batches, calib_seed=args.calib_seed, calib_cpu=args.calib_cpu,
+            int8_calibrator=args.int8_calibrator,
             verify=args.verify,
         )
         for report in convert(opts):

@@ -60,6 +60,7 @@ class ConvertOptions:
     calib_batches: int = 32
     calib_seed: int = 1337
     calib_cpu: bool = False
+    int8_calibrator: bool = False  # TensorRT 10 only: IInt8EntropyCalibrator2 + calibration cache instead of Q/DQ
     verify: bool | None = None  # None: verify when the graph is small enough for CPU
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -76,6 +77,16 @@ class ConvertOptions:
         if any(p in QDQ_PRECISIONS for p in self.precisions) or self.quant_mode != "none":
             if self.calib_batches < 1:
                 raise InputError(f"--calib-batches must be at least 1, found {self.calib_batches}")
+        if self.int8_calibrator and "int8" not in self.precisions:
+            raise InputError("--int8-calibrator applies to int8 only: add --precision int8 (or --all-precisions)")
+        if self.int8_calibrator and self.quant_mode != "none":
+            raise InputError(f"--int8-calibrator cannot be combined with --quant-mode {self.quant_mode}: the quant mode "
+                             "puts Q/DQ nodes into the graph, and TensorRT ignores a calibrator on an explicitly "
+                             "quantised network")
+        if self.int8_calibrator and self.skip_build:
+            raise InputError("--int8-calibrator calibrates inside the TensorRT 10 build and cannot be combined with "
+                             "--skip-build; for a calibrated graph without a build use the Q/DQ path "
+                             "(--precision int8 without --int8-calibrator)")
         check_writable(self.output_dir)
 
 
@@ -98,6 +109,29 @@ def preflight_build(opts: ConvertOptions) -> None:
     trt, info = import_tensorrt(opts.backend)
     for precision in opts.precisions:
         resolve_compute_capabilities(trt, info, precision, list(opts.compute_capabilities) or None)
+    if opts.int8_calibrator:
+        _require_calibrator_backend(info)
+
+
+def _require_calibrator_backend(info: Any) -> None:
+    """--int8-calibrator needs TensorRT 10 (weakly typed networks with precision flags and INT8 calibrators)."""
+    if not info.has_precision_flags or info.strongly_typed_only:
+        raise InputError(f"--int8-calibrator needs TensorRT 10 (IInt8EntropyCalibrator2 on a weakly typed network); "
+                         f"{info.name} {info.version} builds strongly typed networks only and has no INT8 "
+                         "calibrator: use the Q/DQ path instead (--precision int8 without --int8-calibrator)")
+
+
+def _int8_calibrator(onnx_path: Path, opts: ConvertOptions) -> Any:
+    """The TensorRT 10 entropy calibrator for ``onnx_path`` (fp32 graph), its cache in the output directory."""
+    from .onnx_io import onnx_sha256
+    from .trt_backend import import_tensorrt
+    from .trt_calibrator import make_entropy_calibrator
+
+    trt, info = import_tensorrt(opts.backend)
+    _require_calibrator_backend(info)
+    spec = spec_from_onnx(onnx_path)
+    return make_entropy_calibrator(trt, calibration(opts, spec), opts.output_dir, input_name=spec.input_name,
+                                   input_shape=spec.input_shape, graph_fingerprint=onnx_sha256(onnx_path))
 
 
 def spec_from_onnx(path: Path) -> ExportSpec:
@@ -271,14 +305,28 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
 
 def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: ConvertOptions) -> dict[str, Any]:
     from .build import build_engine
+    from .errors import BuildError
 
-    result = build_engine(
-        onnx_path, engine_path, precision, backend=opts.backend, workspace_gb=opts.workspace_gb,
-        opt_level=opts.opt_level, max_aux_streams=opts.max_aux_streams,
-        timing_cache_path=opts.output_dir / "trt_timing.cache",
-        compute_capabilities=list(opts.compute_capabilities) or None,
-    )
-    return result.to_dict()
+    calibrator = _int8_calibrator(onnx_path, opts) if opts.int8_calibrator and precision == "int8" else None
+    try:
+        result = build_engine(
+            onnx_path, engine_path, precision, backend=opts.backend, workspace_gb=opts.workspace_gb,
+            opt_level=opts.opt_level, max_aux_streams=opts.max_aux_streams,
+            timing_cache_path=opts.output_dir / "trt_timing.cache",
+            compute_capabilities=list(opts.compute_capabilities) or None, calibrator=calibrator,
+        )
+    except BuildError:
+        if calibrator is not None:
+            calibrator.raise_if_failed()  # the calibration failure is the cause worth reporting
+        raise
+    report = result.to_dict()
+    if calibrator is not None:
+        calibrator.release()
+        if calibrator.failure is not None:  # TensorRT built on partial calibration data: do not keep it
+            engine_path.unlink(missing_ok=True)
+            calibrator.raise_if_failed()
+        report["int8_calibration"] = calibrator.report()
+    return report
 
 
 def graph_bytes(path: Path) -> int:
@@ -408,12 +456,14 @@ def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, prec
         graph = out / f"{spec.stem}_{precision}.onnx"
         report["stages"]["precision_graph"] = _timed(timings, f"cast_{precision}", stage_cast, final, graph,
                                                      precision, spec, verify, isolate=large)
-    elif precision in QDQ_PRECISIONS:
+    elif precision in QDQ_PRECISIONS and not (precision == "int8" and opts.int8_calibrator):
         graph = out / f"{spec.stem}_{precision}.onnx"
         report["stages"]["precision_graph"] = _timed(timings, f"quantize_{precision}", stage_quantize, final, graph,
                                                      precision, spec, opts, verify, isolate=large)
     else:
         why = "fp32 needs no precision graph" if precision == "fp32" else \
+            "--int8-calibrator: TensorRT 10 calibrates the fp32 graph (IInt8EntropyCalibrator2) during the build" \
+            if precision == "int8" else \
             "TensorRT 10 legacy path: weakly typed network with precision flags"
         logger.info("stage precision_graph    skipped for %s: %s", precision, why)
         report["stages"]["precision_graph"] = {"skipped": why}
@@ -426,6 +476,10 @@ def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, prec
         report["stages"]["build"] = _timed(timings, f"build_{precision}", stage_build, graph, engine, precision, opts,
                                            isolate=large)
         report["engine"] = {"path": str(engine), "bytes": engine.stat().st_size}
+    if precision == "int8":
+        calibration_report = report["stages"]["build"].get("int8_calibration", {})
+        report["int8_path"] = {"path": "IInt8EntropyCalibrator2", "cache": calibration_report.get("cache")} \
+            if opts.int8_calibrator else {"path": "qdq", "graph": str(graph)}
     report["timings_s"] = timings
     report["random_weights"] = shared.get("export", {}).get("random_weights")
     write_json_atomic(out / f"{spec.stem}_{precision}.json", report)
