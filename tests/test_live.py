@@ -128,3 +128,21 @@ def test_webcams_with_replayed_captures_and_onnx_depth_workers(tmp_path: Path) -
     assert summary["depth"]["workers"] == 1 and summary["depth"]["runner"]["backend"] == "onnx"
     assert summary["source"]["kind"] == "webcams" and summary["map"]["voxels"] > 0
     assert all(c.released.is_set() for c in caps.values())
+
+
+def test_voxel_map_same_result_from_numpy_and_torch_inputs() -> None:
+    import torch
+
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(5000, 3)).astype(np.float32)
+    cols = rng.integers(0, 255, size=(5000, 3)).astype(np.uint8)
+    a, b = VoxelMap(0.25, max_voxels=400), VoxelMap(0.25, max_voxels=400)
+    for batch in range(3):
+        sl = slice(batch * 1500, batch * 1500 + 2000)
+        a.insert(pts[sl], cols[sl], batch)
+        b.insert(torch.from_numpy(pts[sl]), torch.from_numpy(cols[sl]), batch)
+    assert len(a) == len(b) == 400 and a.evicted == b.evicted > 0
+    for x, y in zip(a.points(), b.points()):
+        np.testing.assert_array_equal(x, y)
+    xyz, _, count = a.points()
+    assert count.sum() <= 5000 and np.isfinite(xyz).all()

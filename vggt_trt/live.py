@@ -194,6 +194,15 @@ def _stats(values: list[float]) -> dict[str, float]:
             "p90": float(np.percentile(a, 90)), "total": float(a.sum())}
 
 
+def map_device(device: str) -> str:
+    """Where unprojection and fusion run: the GPU when the run uses one, else the host."""
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return device if device.startswith("cuda") else "cuda"
+    return "cpu"
+
+
 def make_vggt_runner(o: LiveOptions) -> Any:
     from .runtime import OrtRunner, TorchRunner, TrtRunner
 
@@ -243,6 +252,7 @@ class LiveSession:
         self.calib_path = Path(opts.per_camera_calib or Path(opts.out_dir) / "per_camera_calib.json")
         self.st = _State([c.name for c in self.cameras])
         self.map: VoxelMap | None = None
+        self.map_device = map_device(opts.device)
 
     # -- VGGT reference depth, in the map frame
     def _vggt(self, names: list[str], images: np.ndarray, maps: list[tuple], batch: int) -> dict[str, Any] | None:
@@ -307,31 +317,34 @@ class LiveSession:
             c.median_depth, c.max_depth = float(np.median(good)), float(2.0 * np.percentile(good, 99))
             logger.debug("camera %s: scale %.4g shift %.4g (rms %.3g, %d px)", n, c.scale, c.shift, fit.rms, fit.n)
 
-    def _points(self, names: list[str], images: np.ndarray, disp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _points(self, names: list[str], images: np.ndarray, disp: np.ndarray) -> tuple[Any, Any]:
+        """World points and colours of every calibrated camera, as torch tensors on the map's device."""
+        import torch
+
         from .pointcloud import colors_from_images
 
-        s = self.o.pixel_stride
+        s, dev = self.o.pixel_stride, self.map_device
         xyz_all, rgb_all = [], []
-        colours = colors_from_images(images)
+        colours = torch.from_numpy(colors_from_images(images)).to(dev)
+        disp_t = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32)).to(dev)
         for i, n in enumerate(names):
             c = self.st.calibs.get(n)
             if c is None or c.scale is None or c.extrinsic is None:
                 continue
-            inv = c.scale * disp[i] + c.shift
-            with np.errstate(divide="ignore"):
-                depth = np.where(inv > 1e-6, 1.0 / np.maximum(inv, 1e-6), np.nan)
+            inv = c.scale * disp_t[i] + c.shift
+            depth = torch.where(inv > 1e-6, 1.0 / inv.clamp(min=1e-6), torch.full_like(inv, float("nan")))
             if c.max_depth:
-                depth[depth > c.max_depth] = np.nan
-            world = geo.unproject_depth_map_to_point_map(depth[None].astype(np.float32),
-                                                         np.asarray(c.extrinsic, np.float32)[None],
-                                                         np.asarray(c.intrinsic, np.float32)[None])[0]
+                depth = torch.where(depth > c.max_depth, torch.full_like(depth, float("nan")), depth)
+            world = geo.unproject_depth_map_to_point_map(
+                depth[None], torch.tensor(c.extrinsic, dtype=torch.float32, device=dev)[None],
+                torch.tensor(c.intrinsic, dtype=torch.float32, device=dev)[None])[0]
             world, col = world[::s, ::s].reshape(-1, 3), colours[i, ::s, ::s].reshape(-1, 3)
-            ok = np.isfinite(world).all(1)
+            ok = torch.isfinite(world).all(dim=1)
             xyz_all.append(world[ok])
             rgb_all.append(col[ok])
         if not xyz_all:
-            return np.empty((0, 3), np.float32), np.empty((0, 3), np.uint8)
-        return np.concatenate(xyz_all), np.concatenate(rgb_all)
+            return torch.empty((0, 3), device=dev), torch.empty((0, 3), dtype=torch.uint8, device=dev)
+        return torch.cat(xyz_all), torch.cat(rgb_all)
 
     def _model_hw(self, frame: np.ndarray) -> tuple[int, int]:
         meta = self.vggt.input_metadata()[0]
@@ -395,7 +408,8 @@ class LiveSession:
                     t = st.lap("fit", t)
                 if self.map is None:
                     med = [c.median_depth for c in st.calibs.values() if c.median_depth]
-                    self.map = VoxelMap(o.voxel_size or (float(np.median(med)) / 100 if med else 0.01), o.max_voxels)
+                    self.map = VoxelMap(o.voxel_size or (float(np.median(med)) / 100 if med else 0.01), o.max_voxels,
+                                        device=self.map_device)
                     if o.initial_map:
                         seed = read_ply(o.initial_map)
                         self.map.insert(seed["xyz"], seed.get("rgb", np.full((len(seed["xyz"]), 3), 128)), -1)
@@ -407,7 +421,8 @@ class LiveSession:
                 st.map_sizes.append(len(self.map))
                 t = st.lap("fuse", t)
                 if o.save_batches:
-                    batches_written.append(str(write_ply(out / "batches" / f"batch_{batch.index:05d}.ply", xyz, rgb)))
+                    batches_written.append(str(write_ply(out / "batches" / f"batch_{batch.index:05d}.ply",
+                                                         xyz.cpu().numpy(), rgb.cpu().numpy())))
                     t = st.lap("write", t)
                 logger.info("batch %d: %d cameras, skew %.1f ms, %d points, map %d voxels", batch.index, len(names),
                             batch.skew_ms, len(xyz), len(self.map))

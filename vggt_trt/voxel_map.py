@@ -1,6 +1,12 @@
-"""Voxel-hashed global point map with bounded size, fused batch by batch by the live loop."""
+"""Voxel-hashed global point map with bounded size, fused batch by batch by the live loop.
+
+Kept in torch so the same code runs on the host and on a GPU: each insert merges the batch into
+the map with one ``torch.unique`` over old and new voxel keys and ``index_add_`` of the sums.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -16,57 +22,62 @@ class VoxelMap:
     When more than ``max_voxels`` are occupied, the least recently seen (then least observed) are evicted.
     """
 
-    def __init__(self, voxel_size: float, max_voxels: int = 2_000_000) -> None:
+    def __init__(self, voxel_size: float, max_voxels: int = 2_000_000, device: Any = "cpu") -> None:
+        import torch
+
         if not voxel_size > 0 or max_voxels < 1:
             raise InputError(f"voxel_size must be > 0 and max_voxels >= 1 (got {voxel_size}, {max_voxels})")
         self.voxel_size, self.max_voxels = float(voxel_size), int(max_voxels)
-        self.keys = np.empty(0, np.int64)
-        self.xyz = np.empty((0, 3), np.float64)
-        self.rgb = np.empty((0, 3), np.float64)
-        self.count = np.empty(0, np.int64)
-        self.last = np.empty(0, np.int64)
+        self.device = torch.device(device)
+        self.keys = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.xyz = torch.empty((0, 3), dtype=torch.float64, device=self.device)
+        self.rgb = torch.empty((0, 3), dtype=torch.float64, device=self.device)
+        self.count = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.last = torch.empty(0, dtype=torch.int64, device=self.device)
         self.evicted = self.out_of_range = 0
 
     def __len__(self) -> int:
-        return int(self.keys.size)
+        return int(self.keys.numel())
 
-    def insert(self, xyz: np.ndarray, rgb: np.ndarray, batch: int) -> int:
-        """Add points ``[N, 3]`` with uint8 colours; returns the number of newly occupied voxels."""
-        v = np.floor(np.asarray(xyz, np.float64) / self.voxel_size)
-        ok = np.all(np.abs(v) < _OFF - 1, axis=1)
+    def insert(self, xyz: Any, rgb: Any, batch: int) -> int:
+        """Add points ``[N, 3]`` (numpy or torch) with uint8 colours; returns the number of newly occupied voxels."""
+        import torch
+
+        xyz = torch.as_tensor(xyz, device=self.device).to(torch.float64)
+        rgb = torch.as_tensor(rgb, device=self.device).to(torch.float64)
+        v = torch.floor(xyz / self.voxel_size)
+        ok = (v.abs() < _OFF - 1).all(dim=1)
         self.out_of_range += int((~ok).sum())
-        v, xyz, rgb = v[ok].astype(np.int64) + _OFF, np.asarray(xyz, np.float64)[ok], np.asarray(rgb, np.float64)[ok]
+        v, xyz, rgb = v[ok].to(torch.int64) + _OFF, xyz[ok], rgb[ok]
         if not len(v):
             return 0
         keys = (v[:, 0] << (2 * _BITS)) | (v[:, 1] << _BITS) | v[:, 2]
-        uk, inv, cnt = np.unique(keys, return_inverse=True, return_counts=True)
-        sums = [np.stack([np.bincount(inv, a[:, c], uk.size) for c in range(3)], 1) for a in (xyz, rgb)]
-        pos = np.searchsorted(self.keys, uk)
-        hit = pos < self.keys.size
-        hit[hit] = self.keys[pos[hit]] == uk[hit]
-        p = pos[hit]
-        self.xyz[p] += sums[0][hit]
-        self.rgb[p] += sums[1][hit]
-        self.count[p] += cnt[hit]
-        self.last[p] = batch
-        new = ~hit
-        at = pos[new]
-        self.keys = np.insert(self.keys, at, uk[new])
-        self.xyz = np.insert(self.xyz, at, sums[0][new], axis=0)
-        self.rgb = np.insert(self.rgb, at, sums[1][new], axis=0)
-        self.count = np.insert(self.count, at, cnt[new])
-        self.last = np.insert(self.last, at, batch)
-        if self.keys.size > self.max_voxels:
-            order = np.lexsort((self.count, self.last))  # oldest, then fewest hits, first
-            drop = np.sort(order[: self.keys.size - self.max_voxels])
-            keep = np.ones(self.keys.size, bool)
-            keep[drop] = False
-            self.evicted += int(drop.size)
+        before = len(self)
+        uk, inv = torch.unique(torch.cat([self.keys, keys]), return_inverse=True)
+        n = uk.numel()
+        zeros3 = torch.zeros((n, 3), dtype=torch.float64, device=self.device)
+        self.xyz = zeros3.index_add(0, inv, torch.cat([self.xyz, xyz]))
+        self.rgb = zeros3.index_add(0, inv, torch.cat([self.rgb, rgb]))
+        ones = torch.ones(len(keys), dtype=torch.int64, device=self.device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=self.device).index_add(0, inv, torch.cat([self.count, ones]))
+        stamps = torch.cat([self.last, torch.full((len(keys),), batch, dtype=torch.int64, device=self.device)])
+        self.last = torch.full((n,), batch, dtype=torch.int64, device=self.device).scatter_reduce(
+            0, inv, stamps, reduce="amax", include_self=False)
+        self.keys = uk
+        added = n - before
+        if n > self.max_voxels:
+            # oldest first, then fewest hits (np.lexsort((count, last)) order, stable)
+            by_count = torch.argsort(self.count, stable=True)
+            order = by_count[torch.argsort(self.last[by_count], stable=True)]
+            keep = torch.ones(n, dtype=torch.bool, device=self.device)
+            keep[order[: n - self.max_voxels]] = False
+            self.evicted += n - self.max_voxels
             self.keys, self.xyz, self.rgb = self.keys[keep], self.xyz[keep], self.rgb[keep]
             self.count, self.last = self.count[keep], self.last[keep]
-        return int(new.sum())
+        return int(added)
 
     def points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = np.maximum(self.count, 1)[:, None]
-        return ((self.xyz / n).astype(np.float32), np.round(self.rgb / n).astype(np.uint8),
-                self.count.astype(np.float32))
+        """(xyz float32, rgb uint8, hit count float32) per occupied voxel, as numpy."""
+        n = self.count.clamp(min=1)[:, None].to(self.xyz.dtype)
+        return ((self.xyz / n).float().cpu().numpy(), (self.rgb / n).round().to(dtype=self.xyz.dtype).cpu().numpy()
+                .astype(np.uint8), self.count.float().cpu().numpy())
