@@ -31,6 +31,7 @@ import numpy as np
 
 from . import geometry as geo
 from .errors import InputError
+from .run_options import VggtModelOptions
 from .voxel_map import VoxelMap
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def save_calibration(path: Path, calibs: dict[str, CameraCalib], meta: dict[str,
 
 
 @dataclass
-class LiveOptions:
+class LiveOptions(VggtModelOptions):
     """Everything one live run needs (the ``pcd_inference.py --source videos|webcams`` flags, typed)."""
 
     source: str
@@ -127,19 +128,10 @@ class LiveOptions:
     num_cams: int | None = None
     views: list[str] | None = None
     random_views: int | None = None
-    seed: int = 0
     frame_step: int = 1
     max_batches: int | None = None
     min_cams: int | None = None
     stall_timeout: float = 5.0
-    backend: str = "torch"  # VGGT: engine | onnx | torch
-    model_path: Path | None = None
-    model_name: str = "facebook/VGGT-1B"
-    weights: Path | None = None
-    precision: str = "fp32"
-    device: str = "auto"
-    random_init: bool = False
-    trt_backend: str = "auto"
     target_size: int | None = None
     vggt_every: int = 0
     depth_model: str = "depth-anything/Depth-Anything-V2-Small-hf"
@@ -203,17 +195,6 @@ def map_device(device: str) -> str:
     return "cpu"
 
 
-def make_vggt_runner(o: LiveOptions) -> Any:
-    from .runtime import OrtRunner, TorchRunner, TrtRunner
-
-    if o.backend == "engine":
-        return TrtRunner(o.model_path, trt_backend=o.trt_backend)
-    if o.backend == "onnx":
-        return OrtRunner(o.model_path)
-    return TorchRunner(model_name=o.model_name, weights=o.weights, precision=o.precision, device=o.device,
-                       random_init=o.random_init, seed=o.seed)
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -247,7 +228,7 @@ class LiveSession:
         cams = cameras if cameras is not None else make_cameras(opts.source, images=opts.images, videos=opts.videos,
                                                                 webcams=opts.webcams)
         self.cameras = select_cameras(cams, opts.num_cams, opts.views, opts.random_views, opts.seed)
-        self.vggt = vggt_runner if vggt_runner is not None else make_vggt_runner(opts)
+        self.vggt = vggt_runner if vggt_runner is not None else opts.make_runner()
         self.depth_factory = depth_factory
         self.calib_path = Path(opts.per_camera_calib or Path(opts.out_dir) / "per_camera_calib.json")
         self.st = _State([c.name for c in self.cameras])

@@ -21,29 +21,21 @@ import numpy as np
 
 from . import rig
 from .errors import InputError
+from .run_options import VggtModelOptions
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PcdOptions:
+class PcdOptions(VggtModelOptions):
     """Everything one images-to-point-cloud run needs (the CLI flags, typed)."""
 
     images: Path
     out_dir: Path
-    backend: str = "torch"  # engine | onnx | torch
-    model_path: Path | None = None  # .engine or .onnx
-    model_name: str = "facebook/VGGT-1B"
-    weights: Path | None = None
-    precision: str = "fp32"
-    device: str = "auto"
-    random_init: bool = False
-    trt_backend: str = "auto"
     views: list[str] | None = None
     random_views: int | None = None
     num_cams: int | None = None
     frame: int = 0
-    seed: int = 0
     intrinsics: Path | None = None
     poses: Path | None = None
     poses_convention: str | None = None
@@ -90,17 +82,6 @@ class Timer:
         now = time.perf_counter()
         self.stages[name] = self.stages.get(name, 0.0) + (now - self._t) * 1e3
         self._t = now
-
-
-def make_pcd_runner(opts: PcdOptions) -> Any:
-    from .runtime import OrtRunner, TorchRunner, TrtRunner
-
-    if opts.backend == "engine":
-        return TrtRunner(opts.model_path, trt_backend=opts.trt_backend)
-    if opts.backend == "onnx":
-        return OrtRunner(opts.model_path)
-    return TorchRunner(model_name=opts.model_name, weights=opts.weights, precision=opts.precision,
-                       device=opts.device, random_init=opts.random_init, seed=opts.seed)
 
 
 def select_views(scene: rig.Scene, opts: PcdOptions, needed: int | None) -> tuple[list[str], list[Path],
@@ -199,7 +180,7 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
     opts.validate()
     scene = rig.discover_scene(opts.images)
     timer = Timer()
-    with contextlib.nullcontext(runner) if runner is not None else make_pcd_runner(opts) as runner:
+    with contextlib.nullcontext(runner) if runner is not None else opts.make_runner() as runner:
         timer.lap("load_model")
         meta = runner.input_metadata()
         if len(meta) != 1 or len(meta[0].shape) != 4:
