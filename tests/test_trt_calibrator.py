@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_convert import TINY, needs_rtx  # noqa: E402
 import vggt_to_trt
 from vggt_trt import atomic
 from vggt_trt.calib import calibration_set
@@ -155,18 +156,7 @@ def test_get_batch_feeds_every_batch_on_the_gpu(tmp_path):
     cal.raise_if_failed()
 
 
-TINY = ["--model-name", "tiny", "--num-cams", "2", "--height", "56", "--width", "70"]
-
-
-def _have_rtx() -> bool:
-    try:
-        import tensorrt_rtx  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_rtx(), reason="tensorrt_rtx (pip install tensorrt-rtx-cu13) is not installed")
+@needs_rtx
 def test_cli_int8_calibrator_on_rtx_is_input_error_naming_qdq(tmp_path):
     out, logs = tmp_path / "out", tmp_path / "logs"
     code = vggt_to_trt.main(["--export", *TINY, "--precision", "int8", "--int8-calibrator", "--backend",
