@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vggt_trt.compare import tensor_errors
 from vggt_trt.model.precision import apply_precision
 from vggt_trt.model.vggt import FULL_OUTPUTS, PCD_OUTPUTS
 from vggt_trt.model.weights import build_model
@@ -56,14 +57,6 @@ def profile_top_kernels(model, images, outputs, context, top: int = 25) -> list[
     rows = [e for e in prof.key_averages() if e.device_time_total > 0]
     rows.sort(key=lambda e: e.device_time_total, reverse=True)
     return [{"name": e.key[:120], "calls": e.count, "cuda_ms": e.device_time_total / 1000} for e in rows[:top]]
-
-
-def rel_errors(ref: dict, test: dict) -> dict:
-    out = {}
-    for k in ref:
-        r, t = ref[k].astype(np.float64), test[k].astype(np.float64)
-        out[k] = {"rel_l2": float(np.linalg.norm(t - r) / np.linalg.norm(r)), "max_abs": float(np.abs(t - r).max())}
-    return out
 
 
 def main() -> int:
@@ -105,7 +98,7 @@ def main() -> int:
         if prec == "fp32":
             references[which] = outs
         if which in references and prec != "fp32":
-            r["error_vs_fp32"] = rel_errors(references[which], outs)
+            r["error_vs_fp32"] = {k: tensor_errors(references[which][k], outs[k]) for k in outs}
         results["modes"][mode] = r
         if args.profile == mode:
             results["profile"] = profile_top_kernels(runner, images, outputs, context)

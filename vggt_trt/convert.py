@@ -284,7 +284,7 @@ def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: b
 
 
 def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts: ConvertOptions,
-                   verify: bool) -> dict[str, Any]:
+                   verify: bool, random_weights: bool) -> dict[str, Any]:
     """Q/DQ graph (ModelOpt ONNX PTQ) calibrated on ``--calib-data``, with its accuracy table."""
     from .quantize import accuracy_report, qdq_summary, quantize_onnx
 
@@ -293,8 +293,7 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
                          calibration_eps=calibration_providers(opts.calib_cpu))
     report: dict[str, Any] = {"path": str(dst), "quantize": info, "qdq": qdq_summary(dst)}
     if verify:
-        report["accuracy"] = accuracy_report(src, dst, spec, calib, random_weights=opts.random_init or
-                                             opts.model_name == "tiny")
+        report["accuracy"] = accuracy_report(src, dst, spec, calib, random_weights=random_weights)
         from .metrics import format_accuracy_table
 
         logger.info("accuracy of %s against fp32:\n%s", dst.name, format_accuracy_table(report["accuracy"]))
@@ -459,7 +458,8 @@ def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, prec
     elif precision in QDQ_PRECISIONS and not (precision == "int8" and opts.int8_calibrator):
         graph = out / f"{spec.stem}_{precision}.onnx"
         report["stages"]["precision_graph"] = _timed(timings, f"quantize_{precision}", stage_quantize, final, graph,
-                                                     precision, spec, opts, verify, isolate=large)
+                                                     precision, spec, opts, verify,
+                                                     bool(shared["export"].get("random_weights")), isolate=large)
     else:
         why = "fp32 needs no precision graph" if precision == "fp32" else \
             "--int8-calibrator: TensorRT 10 calibrates the fp32 graph (IInt8EntropyCalibrator2) during the build" \

@@ -227,7 +227,8 @@ def export_depth_onnx(model: Any, out_path: str | os.PathLike, spec: DepthSpec) 
     """Export with the dynamo exporter into a temporary folder, then rename into place (data files first)."""
     import torch
 
-    from .export import EXTERNAL_DATA_THRESHOLD, _move_into_place, weight_bytes
+    from .export import EXTERNAL_DATA_THRESHOLD, weight_bytes
+    from .onnx_io import move_into_place
 
     class _Wrapper(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
@@ -249,7 +250,7 @@ def export_depth_onnx(model: Any, out_path: str | os.PathLike, spec: DepthSpec) 
                                         input_names=[spec.input_name], output_names=list(spec.output_names),
                                         external_data=external, optimize=True, verbose=False)
             program.save(str(tmp_dir / out.name), external_data=external)
-        _move_into_place(tmp_dir, out.name, out)
+        move_into_place(tmp_dir, out)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0

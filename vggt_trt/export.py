@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .onnx_io import move_into_place
 from .model.vggt import FULL_OUTPUTS, PCD_OUTPUTS, check_image_shape
 
 logger = logging.getLogger(__name__)
@@ -77,13 +78,6 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.state_dict().values())
 
 
-def _move_into_place(tmp_dir: Path, name: str, target: Path) -> None:
-    """Rename every file the exporter wrote (data files first, the .onnx last) into target's folder."""
-    files = sorted(tmp_dir.iterdir(), key=lambda p: p.name == name)
-    for f in files:
-        os.replace(f, target.parent / f.name)
-
-
 def export_onnx(
     model: nn.Module,
     out_path: str | os.PathLike,
@@ -116,7 +110,7 @@ def export_onnx(
                 output_names=list(spec.output_names), external_data=external, optimize=True, verbose=False,
             )
             program.save(str(tmp_file), external_data=external)
-        _move_into_place(tmp_dir, out_path.name, out_path)
+        move_into_place(tmp_dir, out_path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0

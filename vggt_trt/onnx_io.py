@@ -92,7 +92,7 @@ def _unloaded_external(model: onnx.ModelProto) -> list[str]:
             if external_data_helper.uses_external_data(t) and not t.HasField("raw_data")]
 
 
-def _move_into_place(tmp_dir: Path, target: Path) -> None:
+def move_into_place(tmp_dir: Path, target: Path) -> None:
     """Rename the data files first and the .onnx last, then drop a stale data file the new graph does not use."""
     names = sorted((p.name for p in tmp_dir.iterdir()), key=lambda n: n == target.name)
     for name in names:
@@ -138,7 +138,7 @@ def save_onnx(
         except ValueError as exc:  # protobuf refuses messages above 2 GiB
             raise GraphError(f"cannot serialise {target.name} ({nbytes / 2**30:.2f} GiB of tensors, "
                              f"external data: {use_external}): {exc}") from exc
-        _move_into_place(tmp_dir, target)
+        move_into_place(tmp_dir, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     if use_external and restore:
@@ -209,7 +209,7 @@ def copy_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
                 for f in handles.values():
                     f.close()
         onnx.save_model(model, str(tmp_dir / dst_p.name))
-        _move_into_place(tmp_dir, dst_p)
+        move_into_place(tmp_dir, dst_p)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("copied %s -> %s (%d external tensors)", src_p.name, dst_p, len(external))
@@ -307,7 +307,7 @@ def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], output_na
 def compare_onnx_ort(ref_path: str | os.PathLike, test_path: str | os.PathLike, feeds: Mapping[str, np.ndarray],
                      output_names: Sequence[str] | None = None, *, backend: str = "ort",
                      opt_level: str = "basic") -> dict[str, dict[str, Any]]:
-    """Per-output error of ``test_path`` against ``ref_path``: ``{name: {rel_l2, max_abs, ref_max_abs, shape}}``.
+    """Per-output :func:`vggt_trt.compare.tensor_errors` of ``test_path`` against ``ref_path``.
 
     ORT's default level fuses Q/DQ into integer kernels and inflates errors, so the default is
     ORT_ENABLE_BASIC (shared/notes/quantisation-stack.md). ``backend="reference"`` runs bfloat16 graphs.
@@ -315,16 +315,10 @@ def compare_onnx_ort(ref_path: str | os.PathLike, test_path: str | os.PathLike, 
     ref = run_onnx(ref_path, feeds, output_names, backend=backend, opt_level=opt_level)
     test = run_onnx(test_path, feeds, list(ref), backend=backend, opt_level=opt_level)
     results: dict[str, dict[str, Any]] = {}
+    from .compare import tensor_errors
+
     for name, r in ref.items():
-        r64, t64 = np.asarray(r, dtype=np.float64), np.asarray(test[name]).astype(np.float64)
-        entry: dict[str, Any] = {"shape": list(r64.shape), "ref_max_abs": float(np.max(np.abs(r64), initial=0.0))}
-        if r64.shape != t64.shape:
-            entry.update(test_shape=list(t64.shape), rel_l2=float("inf"), max_abs=float("inf"))
-        else:
-            diff = t64 - r64
-            entry["rel_l2"] = float(np.linalg.norm(diff) / max(np.linalg.norm(r64), 1e-30))
-            entry["max_abs"] = float(np.max(np.abs(diff), initial=0.0))
-            entry["nonfinite"] = int(np.size(t64) - np.count_nonzero(np.isfinite(t64)))
+        entry = tensor_errors(r, test[name])
         results[name] = entry
         logger.info("compare %s: rel_l2 %.3g, max_abs %.3g (|ref| max %.3g)", name, entry["rel_l2"],
                     entry["max_abs"], entry["ref_max_abs"])

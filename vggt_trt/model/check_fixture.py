@@ -22,18 +22,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOLERANCE = 1e-4
 
 
-def error_stats(ref: np.ndarray, test: np.ndarray) -> dict[str, Any]:
-    """Relative L2 and max-abs error of ``test`` against ``ref`` (float64 arithmetic)."""
-    ref64, test64 = np.asarray(ref, dtype=np.float64), np.asarray(test, dtype=np.float64)
-    if ref64.shape != test64.shape:
-        raise InputError(f"shape mismatch: reference {list(ref64.shape)} vs ours {list(test64.shape)}")
-    diff = test64 - ref64
-    denom = np.linalg.norm(ref64)
-    rel = float(np.linalg.norm(diff) / denom) if denom > 0 else float(np.linalg.norm(diff))
-    return {"shape": list(ref64.shape), "rel_l2": rel, "max_abs": float(np.abs(diff).max(initial=0.0)),
-            "max_abs_ref": float(np.abs(ref64).max(initial=0.0))}
-
-
 def load_fixture(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
 
@@ -53,6 +41,7 @@ def check_fixture(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dic
     """Run the fixture's input through our model built from its config; per-output error stats."""
     import torch
 
+    from ..compare import tensor_errors
     from ..geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
     from .config import config_from_fixture
     from .vggt import FULL_OUTPUTS, VGGT
@@ -70,21 +59,21 @@ def check_fixture(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dic
         ours = model(images, outputs=names + (["pose_enc_list"] if want_list else []))
     results: dict[str, Any] = {}
     for name in names:
-        results[f"outputs.{name}"] = error_stats(tensors[f"outputs.{name}"], ours[name].numpy())
+        results[f"outputs.{name}"] = tensor_errors(tensors[f"outputs.{name}"], ours[name].numpy())
     if want_list:
         for i in range(ours["pose_enc_list"].shape[0]):
             key = f"outputs.pose_enc_list.{i}"
             if key in tensors:
-                results[key] = error_stats(tensors[key], ours["pose_enc_list"][i].numpy())
+                results[key] = tensor_errors(tensors[key], ours["pose_enc_list"][i].numpy())
     H, W = images.shape[-2:]
     if "pose_enc" in ours:
         extrinsic, intrinsic = pose_encoding_to_extri_intri(ours["pose_enc"].numpy(), (H, W))
         for key, value in (("post.extrinsic", extrinsic), ("post.intrinsic", intrinsic)):
             if key in tensors:
-                results[key] = error_stats(tensors[key], value)
+                results[key] = tensor_errors(tensors[key], value)
         if "depth" in ours and "post.world_points_from_depth" in tensors:
             points = unproject_depth_map_to_point_map(ours["depth"][0].numpy(), extrinsic[0], intrinsic[0])
-            results["post.world_points_from_depth"] = error_stats(tensors["post.world_points_from_depth"], points)
+            results["post.world_points_from_depth"] = tensor_errors(tensors["post.world_points_from_depth"], points)
     failed = [k for k, v in results.items() if not v["rel_l2"] <= tolerance]
     return {"fixture": str(path), "config": cfg.name, "tolerance": tolerance, "results": results,
             "failed": failed, "passed": not failed}
