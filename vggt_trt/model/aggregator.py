@@ -48,8 +48,15 @@ class Aggregator(nn.Module):
 
         self.frame_blocks = nn.ModuleList(make_block() for _ in range(cfg.depth))
         self.global_blocks = nn.ModuleList(make_block() for _ in range(cfg.depth))
-        self.register_buffer("_resnet_mean", torch.tensor(_RESNET_MEAN).view(1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("_resnet_std", torch.tensor(_RESNET_STD).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("_resnet_mean", torch.empty(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("_resnet_std", torch.empty(1, 1, 3, 1, 1), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)write the ImageNet normalisation buffers (needed after ``to_empty``)."""
+        with torch.no_grad():
+            self._resnet_mean.copy_(torch.tensor(_RESNET_MEAN).view(1, 1, 3, 1, 1))
+            self._resnet_std.copy_(torch.tensor(_RESNET_STD).view(1, 1, 3, 1, 1))
 
     @property
     def patch_start_idx(self) -> int:

@@ -175,10 +175,27 @@ class DPTHead(nn.Module):
         out = F.interpolate(out, size=(ph * self.patch_size, pw * self.patch_size), mode="bilinear", align_corners=True)
         return self._add_pos_embed(out, aspect)
 
-    def forward(self, layers: Mapping[int, torch.Tensor], image_hw: tuple[int, int], patch_start_idx: int):
-        """-> (prediction [B, S, H, W, D-1], confidence [B, S, H, W])."""
+    def forward(self, layers: Mapping[int, torch.Tensor], image_hw: tuple[int, int], patch_start_idx: int,
+                frames_chunk_size: int | None = None):
+        """-> (prediction [B, S, H, W, D-1], confidence [B, S, H, W]).
+
+        With ``frames_chunk_size`` the B*S frames go through the head in near-equal chunks of about
+        that many (the official head's ``frames_chunk_size``; never a chunk of one frame): the full-resolution activations of 64 frames
+        exceed a CUDA upsampling kernel's INT_MAX-element limit and most of the memory.
+        """
         B, S = layers[self.intermediate_layer_idx[0]].shape[:2]
-        out = self.scratch.output_conv2(self.features(layers, image_hw, patch_start_idx))
+        n_chunks = min(-(-B * S // frames_chunk_size), B * S // 2) if frames_chunk_size else 1
+        if n_chunks > 1:
+            # near-equal chunks of at least two frames: a one-frame batch takes other convolution
+            # kernels (not bit-identical), so a remainder frame joins a chunk instead
+            frames = {i: layers[i].reshape(1, B * S, *layers[i].shape[2:]).tensor_split(n_chunks, dim=1)
+                      for i in self.intermediate_layer_idx}
+            out = torch.cat([
+                self.scratch.output_conv2(self.features({i: t[c] for i, t in frames.items()}, image_hw, patch_start_idx))
+                for c in range(n_chunks)
+            ], dim=0)
+        else:
+            out = self.scratch.output_conv2(self.features(layers, image_hw, patch_start_idx))
         fmap = out.permute(0, 2, 3, 1)
         pred, conf = fmap[..., :-1], fmap[..., -1]
         if self.activation == "exp":

@@ -14,14 +14,18 @@ _CACHE: dict[Hashable, Any] = {}
 _CACHE_LIMIT = 64
 
 
-def _tracing() -> bool:
+def exporting() -> bool:
+    """True while a graph is being exported (ONNX, torch.export, TorchScript), not while compiling."""
     compiler = torch.compiler
     return bool(
-        compiler.is_compiling()
-        or (hasattr(compiler, "is_exporting") and compiler.is_exporting())
+        (hasattr(compiler, "is_exporting") and compiler.is_exporting())
         or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
     )
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or exporting()
 
 
 def shape_constant(key: Hashable, build: Callable[[], Any]) -> Any:

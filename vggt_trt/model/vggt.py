@@ -12,6 +12,7 @@ from ..errors import InputError
 from .aggregator import Aggregator
 from .config import VGGTConfig
 from .heads import CameraHead, DPTHead
+from .layers import exporting
 
 PCD_OUTPUTS = ("pose_enc", "depth", "depth_conf")
 FULL_OUTPUTS = PCD_OUTPUTS + ("world_points", "world_points_conf")
@@ -30,9 +31,14 @@ def check_image_shape(shape: Iterable[int], patch_size: int = 14) -> None:
 
 
 class VGGT(nn.Module):
-    def __init__(self, cfg: VGGTConfig):
+    """VGGT; ``frames_chunk_size`` (default 8, the official value, None for all at once) bounds how
+    many frames the dense heads process at a time in eager and compiled runs; exported graphs take
+    every frame at once so their view axis can stay symbolic."""
+
+    def __init__(self, cfg: VGGTConfig, frames_chunk_size: int | None = 8):
         super().__init__()
         self.cfg = cfg
+        self.frames_chunk_size = frames_chunk_size
         self.aggregator = Aggregator(cfg)
         self.camera_head = CameraHead(cfg) if cfg.enable_camera else None
         self.point_head = DPTHead(cfg, output_dim=4, activation="inv_log") if cfg.enable_point else None
@@ -91,8 +97,9 @@ class VGGT(nn.Module):
                 result["pose_enc"] = encodings[-1]
                 if "pose_enc_list" in wanted:
                     result["pose_enc_list"] = torch.stack(encodings)
+            chunk = None if exporting() else self.frames_chunk_size
             if wanted & {"depth", "depth_conf"}:
-                result["depth"], result["depth_conf"] = self.depth_head(layers, image_hw, start)
+                result["depth"], result["depth_conf"] = self.depth_head(layers, image_hw, start, chunk)
             if wanted & {"world_points", "world_points_conf"}:
-                result["world_points"], result["world_points_conf"] = self.point_head(layers, image_hw, start)
+                result["world_points"], result["world_points_conf"] = self.point_head(layers, image_hw, start, chunk)
         return {k: result[k] for k in list(FULL_OUTPUTS) + ["pose_enc_list"] if k in wanted}

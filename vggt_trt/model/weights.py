@@ -109,18 +109,28 @@ def _offline_message(source: str | Path, e: Exception) -> str:
 
 @torch.no_grad()
 def init_random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Seeded weights whose outputs depend on every layer (fan-in scaled, as the fixtures were made)."""
-    g = torch.Generator().manual_seed(seed)
+    """Seeded weights whose outputs depend on every layer (fan-in scaled, as the fixtures were made).
+
+    Drawn on the parameters' device: the same seed gives the same weights on every CPU and on every
+    CUDA GPU, but CPU and CUDA weights differ (different generators). A 1B model seeds in
+    milliseconds on a GPU instead of about 20 s on the host.
+    """
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(shape: torch.Size) -> torch.Tensor:
+        return torch.randn(shape, generator=g, device=device)
+
     for name, p in model.named_parameters():
         if "gamma" in name:
-            p.copy_(0.1 * (1 + 0.2 * torch.randn(p.shape, generator=g)))
+            p.copy_(0.1 * (1 + 0.2 * randn(p.shape)))
         elif p.dim() >= 2 and not name.endswith(("_token", "_tokens", "pos_embed", "token")):
             fan_in = p.shape[0] if "resize_layers.0" in name or "resize_layers.1" in name else math.prod(p.shape[1:])
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+            p.copy_(randn(p.shape) / math.sqrt(fan_in))
         elif name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "_norm.weight")):
-            p.fill_(1.0).add_(0.02 * torch.randn(p.shape, generator=g))
+            p.fill_(1.0).add_(0.02 * randn(p.shape))
         else:
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            p.copy_(0.02 * randn(p.shape))
     head = getattr(model, "camera_head", None)
     if head is not None:
         # keep the ReLU-activated field-of-view outputs positive (~1 rad) instead of clamped to 0
@@ -145,11 +155,19 @@ def build_model(
     random_init: bool = False,
     seed: int = 0,
     config: VGGTConfig | None = None,
+    device: str | torch.device = "cpu",
 ) -> VGGT:
-    """Our VGGT for a preset, hub id or local snapshot, with weights loaded (or seeded random)."""
+    """Our VGGT for a preset, hub id or local snapshot, with weights loaded (or seeded random) on ``device``.
+
+    The modules are built without their default initialisation (on the meta device, then
+    allocated on ``device``): every parameter is written by the seeded init or the checkpoint.
+    """
     if config is None:
         config = config_for_model_name(model_name)
-    model = VGGT(config)
+    with torch.device("meta"):
+        model = VGGT(config)
+    model.to_empty(device=device)
+    model.aggregator.reset_buffers()
     if random_init or (weights is None and config.name == "tiny"):
         logger.info("model %s: seeded random weights (seed %d); outputs are not meaningful geometry", config.name, seed)
         init_random_weights(model, seed)
