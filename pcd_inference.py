@@ -7,14 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from vggt_trt.cli_common import add_bool_aliases, run_cli
+from vggt_trt.cli.common import add_bool_aliases, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     src = p.add_argument_group("input")
     src.add_argument("--source", default="images", choices=("images", "videos", "webcams"),
-                     help="images: a scene folder; videos / webcams: the live pipeline (vggt_trt.live)")
+                     help="images: a scene folder; videos / webcams: the live pipeline (vggt_trt.pipelines.live)")
     src.add_argument("--images", type=Path,
                      help="scene root: one sub-folder of frames per camera (cam001/, cam005/ ...) or a flat "
                           "folder of images (one view each)")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the preprocessed views to out_dir/images (what the COLMAP model describes)")
     out.add_argument("--log-dir", type=Path, default=None, help="also log to a file here")
     p.add_argument("-v", "--verbose", action="store_true")
-    from vggt_trt.live import add_live_arguments
+    from vggt_trt.pipelines.live import add_live_arguments
 
     add_live_arguments(p)
     add_bool_aliases(p)
@@ -64,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from vggt_trt.errors import InputError
-    from vggt_trt.pcd import PcdOptions, run_pcd
+    from vggt_trt.pipelines.pcd import PcdOptions, run_pcd
 
     given = [n for n, v in (("--vggt_engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
     if len(given) > 1:
         raise InputError(f"give one model: {' and '.join(given)} both given")
     if args.source != "images":
-        from vggt_trt.live import options_from_args, run_live
+        from vggt_trt.pipelines.live import options_from_args, run_live
 
         s = run_live(options_from_args(args))
         print(f"{s['batches']} batches from {len(s['source']['cameras'])} cameras -> map of {s['map']['voxels']} "

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vggt_trt.cli_common import add_bool_aliases, run_cli
+from vggt_trt.cli.common import add_bool_aliases, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vggt_trt import infer_cli as ic
+    from vggt_trt.cli import infer as ic
     from vggt_trt.atomic import write_json_atomic
     from vggt_trt.compare import compare_outputs
 

@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from vggt_trt.cli_common import add_bool_aliases, run_cli
-from vggt_trt.convert import PRECISIONS, ConvertOptions, convert, parse_precisions
-from vggt_trt.quant_modes import QUANT_MODES
+from vggt_trt.cli.common import add_bool_aliases, run_cli
+from vggt_trt.pipelines.convert import PRECISIONS, ConvertOptions, convert, parse_precisions
+from vggt_trt.quant.modes import QUANT_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:

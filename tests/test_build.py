@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from vggt_trt import build as B
-from vggt_trt import graph as G
-from vggt_trt import onnx_io as io
-from vggt_trt import trt_backend as tb
+from vggt_trt.trt import build as B
+from vggt_trt.graph import sequences as G
+from vggt_trt.graph import io as io
+from vggt_trt.trt import backend as tb
 from vggt_trt.errors import BuildError, InputError, MissingDependencyError
 
 from test_graph import export_toy  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import vggt_to_trt
-from vggt_trt.graph import assert_no_sequence_ops
+from vggt_trt.graph.sequences import assert_no_sequence_ops
 
 TINY = ["--model-name", "tiny", "--num-cams", "2", "--height", "56", "--width", "70"]
 

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from vggt_trt import graph as G
-from vggt_trt import onnx_io as io
+from vggt_trt.graph import sequences as G
+from vggt_trt.graph import io as io
 from vggt_trt.errors import AccuracyError, GraphError, InputError
 
 IMAGES = np.random.default_rng(0).random((2, 3, 28, 35), dtype=np.float32)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from vggt_trt.errors import InputError, MissingDependencyError
-from vggt_trt.sources import (CameraSpec, LockstepSource, discover_videos, image_folder_cameras, make_cameras,
+from vggt_trt.pipelines.sources import (CameraSpec, LockstepSource, discover_videos, image_folder_cameras, make_cameras,
                               parse_webcams, select_cameras)
 
 FOCAL, W, H = 50.0, 64, 48

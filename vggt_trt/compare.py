@@ -1,7 +1,7 @@
 """Accuracy of one backend's VGGT outputs against another's: raw tensor errors, pose and depth metrics.
 
 Results are plain JSON-able dicts (Polygraphy's "comparisons are data"); printing is the CLI's job.
-The metric definitions are :mod:`vggt_trt.metrics`' (shared with the quantisation reports); this module adds
+The metric definitions are :mod:`vggt_trt.accuracy`' (shared with the quantisation reports); this module adds
 per-camera detail and includes that module's ``accuracy_table`` under ``accuracy``.
 """
 
@@ -33,15 +33,15 @@ def tensor_errors(ref: np.ndarray, test: np.ndarray) -> dict[str, Any]:
 
 
 def rotation_error_deg(rot_ref: np.ndarray, rot_test: np.ndarray) -> np.ndarray:
-    """Geodesic angle (degrees) between rotation matrices ``[..., 3, 3]`` (:func:`vggt_trt.metrics.rotation_error_deg`)."""
-    from .metrics import rotation_error_deg as _rot
+    """Geodesic angle (degrees) between rotation matrices ``[..., 3, 3]`` (:func:`vggt_trt.accuracy.rotation_error_deg`)."""
+    from .accuracy import rotation_error_deg as _rot
 
     return _rot(rot_ref, rot_test)
 
 
 def pose_metrics(pose_ref: np.ndarray, pose_test: np.ndarray, image_hw: Sequence[int]) -> dict[str, Any]:
     """Per-camera rotation error (deg), translation error (in VGGT's normalised units), FoV error (deg)."""
-    from .geometry import pose_encoding_to_extri_intri
+    from .recon.geometry import pose_encoding_to_extri_intri
 
     ref = np.asarray(pose_ref, np.float64).reshape(-1, 9)
     test = np.asarray(pose_test, np.float64).reshape(-1, 9)
@@ -68,7 +68,7 @@ def depth_metrics(depth_ref: np.ndarray, depth_test: np.ndarray, eps: float = 1e
     valid = np.isfinite(r) & (r > eps) & np.isfinite(t)
     if not valid.any():
         return {"abs_rel": float("nan"), "rmse": float("nan"), "delta_1.25": float("nan"), "valid_pixels": 0}
-    from .metrics import abs_rel
+    from .accuracy import abs_rel
 
     absrel = abs_rel(r, t, eps)
     r, t = r[valid], t[valid]
@@ -91,7 +91,7 @@ def compare_outputs(ref: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray
     if "depth" in common and np.shape(ref["depth"]) == np.shape(test["depth"]):
         result["depth"] = depth_metrics(ref["depth"], test["depth"])
     if image_hw is not None:
-        from .metrics import accuracy_table
+        from .accuracy import accuracy_table
 
         result["accuracy"] = accuracy_table(ref, test, image_hw)
     for name, e in result["outputs"].items():

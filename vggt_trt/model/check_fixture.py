@@ -42,7 +42,7 @@ def check_fixture(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dic
     import torch
 
     from ..compare import tensor_errors
-    from ..geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
+    from ..recon.geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
     from .config import config_from_fixture
     from .vggt import FULL_OUTPUTS, VGGT
     from .weights import load_state_dict_into
