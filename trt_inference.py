@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from vggt_trt.cli import infer as ic
     from vggt_trt.atomic import write_json_atomic
-    from vggt_trt.compare import compare_outputs
+    from vggt_trt.accuracy import compare_outputs
 
     report: dict = {}
     if args.engines_dir:

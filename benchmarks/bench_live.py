@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vggt_trt.pipelines.live import LiveOptions, run_live
-    from vggt_trt.runtime.base import TorchRunner
+    from vggt_trt.runtime.torch_runner import TorchRunner
     from vggt_trt.pipelines.sources import CameraSpec
 
     cams = [CameraSpec(f"cam{i:02d}", i, live=False) for i in range(args.num_cams)]

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vggt_trt.model.config import get_preset
     from vggt_trt.pipelines.pcd import PcdOptions, run_pcd
-    from vggt_trt.runtime.base import TorchRunner
+    from vggt_trt.runtime.torch_runner import TorchRunner
 
     size = args.size or get_preset(args.model_name).img_size
     runner = TorchRunner(model_name=args.model_name, weights=args.weights, precision=args.precision,

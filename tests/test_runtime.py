@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from vggt_trt.errors import InputError
-from vggt_trt.runtime.base import (OrtRunner, RuntimeUnavailableError, TorchRunner, TrtRunner, benchmark,
-                              check_engine_can_run, make_runner, random_feeds)
+from vggt_trt.runtime.base import RuntimeUnavailableError, random_feeds
+from vggt_trt.runtime.benchmark import benchmark
+from vggt_trt.runtime.factory import make_runner
+from vggt_trt.runtime.ort_runner import OrtRunner
+from vggt_trt.runtime.torch_runner import TorchRunner
+from vggt_trt.runtime.trt_runner import TrtRunner, check_engine_can_run
 
 SHAPE = (2, 3, 56, 56)
 # ORT CPU vs PyTorch CPU, both fp32: measured rel L2 ~5e-7; the bound leaves room for other CPUs' kernels

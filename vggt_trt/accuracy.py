@@ -1,5 +1,9 @@
 """Accuracy of a test run (quantised, fp16, TensorRT ...) against a reference run of the same inputs.
 
+One vocabulary for every comparison in the toolkit: raw tensor errors (:func:`tensor_errors`, used by the
+graph checks, the fixture checker and the benchmarks), the metric table of the quantisation reports
+(:func:`accuracy_table`) and the per-camera detail of ``trt_inference.py --compare`` (:func:`compare_outputs`).
+
 Everything is numpy and every result is JSON-able (non-finite numbers become ``None``). Output
 names follow the export: ``pose_enc [1, S, 9]``, ``depth [1, S, H, W, 1]``, ``depth_conf
 [1, S, H, W]`` and optionally ``world_points [1, S, H, W, 3]``, ``world_points_conf``.
@@ -25,11 +29,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
+from .recon.geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 __all__ = ["rel_l2", "max_abs", "abs_rel", "spearman", "rotation_error_deg", "camera_errors",
-           "accuracy_table", "format_accuracy_table", "accuracy_report"]
+           "accuracy_table", "format_accuracy_table", "tensor_errors", "pose_metrics", "depth_metrics",
+           "compare_outputs"]
 
 RANDOM_WEIGHTS_NOTE = ("weights are random: these numbers measure numeric robustness of the precision "
                        "only, not accuracy on real scenes")
@@ -59,6 +65,21 @@ def rel_l2(ref: Any, test: Any) -> float:
 def max_abs(ref: Any, test: Any) -> float:
     r, t = _pair(ref, test)
     return float(np.max(np.abs(t - r))) if r.size else 0.0
+
+
+def tensor_errors(ref: np.ndarray, test: np.ndarray) -> dict[str, Any]:
+    """Relative L2 (``|test-ref| / |ref|``), max/mean abs error and the count of non-finite test values."""
+    r64, t64 = np.asarray(ref, dtype=np.float64), np.asarray(test, dtype=np.float64)
+    entry: dict[str, Any] = {"shape": list(r64.shape), "ref_max_abs": float(np.max(np.abs(r64), initial=0.0))}
+    if r64.shape != t64.shape:
+        return {**entry, "test_shape": list(t64.shape), "rel_l2": float("inf"), "max_abs": float("inf"),
+                "mean_abs": float("inf"), "nonfinite": -1}
+    diff = t64 - r64
+    entry["rel_l2"] = float(np.linalg.norm(diff) / max(float(np.linalg.norm(r64)), 1e-30))
+    entry["max_abs"] = float(np.max(np.abs(diff), initial=0.0))
+    entry["mean_abs"] = float(np.mean(np.abs(diff))) if diff.size else 0.0
+    entry["nonfinite"] = int(t64.size - np.count_nonzero(np.isfinite(t64)))
+    return entry
 
 
 def abs_rel(ref_depth: Any, test_depth: Any, eps: float = 1e-6) -> float:
@@ -101,8 +122,6 @@ def rotation_error_deg(rot_ref: Any, rot_test: Any) -> np.ndarray:
 
 def camera_errors(ref_pose_enc: Any, test_pose_enc: Any, image_hw: Sequence[int]) -> dict[str, Any]:
     """Rotation (deg), translation (L2 and relative) and field-of-view errors of ``[..., 9]`` encodings."""
-    from .recon.geometry import pose_encoding_to_extri_intri
-
     r, t = _pair(ref_pose_enc, test_pose_enc, "pose_enc")
     ext_r, _ = pose_encoding_to_extri_intri(r, image_hw)
     ext_t, _ = pose_encoding_to_extri_intri(t, image_hw)
@@ -117,8 +136,6 @@ def camera_errors(ref_pose_enc: Any, test_pose_enc: Any, image_hw: Sequence[int]
 
 
 def _points_from_depth(outputs: Mapping[str, Any], image_hw: Sequence[int]) -> np.ndarray:
-    from .recon.geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
-
     pose = np.asarray(outputs["pose_enc"], dtype=np.float64)
     ext, intr = pose_encoding_to_extri_intri(pose, image_hw)
     return unproject_depth_map_to_point_map(np.asarray(outputs["depth"], dtype=np.float64), ext, intr)
@@ -147,7 +164,7 @@ def accuracy_table(
                                   "max_abs": _num(max_abs(r, t)) if finite.all() else None,
                                   "nonfinite": int(t.size - finite.sum())}
         if table["outputs"][name]["nonfinite"]:
-            log.warning("test output %s has %d non-finite values", name, table["outputs"][name]["nonfinite"])
+            logger.warning("test output %s has %d non-finite values", name, table["outputs"][name]["nonfinite"])
     if "depth" in common:
         table["depth"] = {"rel_l2": table["outputs"]["depth"]["rel_l2"],
                           "abs_rel": _num(abs_rel(ref_outputs["depth"], test_outputs["depth"]))}
@@ -190,58 +207,57 @@ def format_accuracy_table(tables: Mapping[str, Any], title: str | None = None) -
     return "\n".join(lines)
 
 
-def _run_onnx(path: Any, input_name: str, batches: np.ndarray) -> dict[str, np.ndarray]:
-    """Outputs of ``path`` for each batch, stacked on a new leading axis (ONNX Runtime CPU, basic opts)."""
-    import onnxruntime as ort
+# ------------------------------------------------- per-camera detail for trt_inference.py --compare
+def pose_metrics(pose_ref: np.ndarray, pose_test: np.ndarray, image_hw: Sequence[int]) -> dict[str, Any]:
+    """Per-camera rotation error (deg), translation error (in VGGT's normalised units), FoV error (deg)."""
+    ref = np.asarray(pose_ref, np.float64).reshape(-1, 9)
+    test = np.asarray(pose_test, np.float64).reshape(-1, 9)
+    if ref.shape != test.shape:
+        raise InputError(f"pose encodings differ in shape: {list(ref.shape)} vs {list(test.shape)}")
+    ext_r, _ = pose_encoding_to_extri_intri(ref, image_hw, build_intrinsics=False)
+    ext_t, _ = pose_encoding_to_extri_intri(test, image_hw, build_intrinsics=False)
+    rot = rotation_error_deg(ext_r[:, :3, :3], ext_t[:, :3, :3])
+    trans = np.linalg.norm(ext_r[:, :, 3] - ext_t[:, :, 3], axis=-1)
+    scale = max(float(np.linalg.norm(ext_r[:, :, 3], axis=-1).mean()), 1e-12)
+    fov = np.degrees(np.abs(ref[:, 7:9] - test[:, 7:9])).max(-1)
+    return {"rotation_error_deg": {"mean": float(rot.mean()), "max": float(rot.max()), "per_camera": rot.tolist()},
+            "translation_error": {"mean": float(trans.mean()), "max": float(trans.max()),
+                                  "relative_mean": float(trans.mean() / scale), "per_camera": trans.tolist()},
+            "fov_error_deg": {"mean": float(fov.mean()), "max": float(fov.max())}}
 
-    so = ort.SessionOptions()
-    # Extended/all levels fuse Q/DQ into integer kernels (different numbers) and break FP8 Q/DQ graphs.
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    runs = [sess.run(names, {input_name: np.ascontiguousarray(b, dtype=np.float32)}) for b in batches]
-    return {n: np.stack([r[i] for r in runs]) for i, n in enumerate(names)}
+
+def depth_metrics(depth_ref: np.ndarray, depth_test: np.ndarray, eps: float = 1e-6) -> dict[str, Any]:
+    """AbsRel, RMSE and the share of pixels with ``max(t/r, r/t) < 1.25`` over pixels with finite ``ref > eps``."""
+    r = np.asarray(depth_ref, np.float64).reshape(-1)
+    t = np.asarray(depth_test, np.float64).reshape(-1)
+    if r.shape != t.shape:
+        raise InputError(f"depth maps differ in size: {r.size} vs {t.size}")
+    valid = np.isfinite(r) & (r > eps) & np.isfinite(t)
+    if not valid.any():
+        return {"abs_rel": float("nan"), "rmse": float("nan"), "delta_1.25": float("nan"), "valid_pixels": 0}
+    absrel = abs_rel(r, t, eps)
+    r, t = r[valid], t[valid]
+    ratio = np.maximum(t / r, r / np.maximum(t, eps))
+    return {"abs_rel": float(absrel), "rmse": float(np.sqrt(np.mean((t - r) ** 2))),
+            "delta_1.25": float(np.mean(ratio < 1.25)), "valid_pixels": int(valid.sum())}
 
 
-def accuracy_report(
-    ref_onnx: Any,
-    test_onnx: Any,
-    spec: Any,
-    calib: Any = None,
-    *,
-    eval_batches: np.ndarray | None = None,
-    num_eval: int = 2,
-    seed: int = 20250,
-    random_weights: bool = False,
-) -> dict[str, Any]:
-    """:func:`accuracy_table` of ``test_onnx`` against ``ref_onnx`` (fp32) in ONNX Runtime on the CPU.
-
-    ``spec`` needs ``input_name``, ``input_shape`` ``(S, 3, H, W)``, ``height`` and ``width`` (an
-    ``ExportSpec``). Evaluation inputs are ``eval_batches`` ``[n, S, 3, H, W]`` or ``num_eval``
-    synthetic batches (seeded by ``seed``); they must differ from every calibration batch in
-    ``calib`` (a CalibrationSet or an array), else :class:`InputError`.
-    """
-    from .quant.calib import synthetic_images
-
-    shape = tuple(spec.input_shape)
-    if eval_batches is None:
-        eval_batches = synthetic_images(num_eval * shape[0], shape[2], shape[3], seed).reshape((num_eval, *shape))
-        evaluation = {"kind": "synthetic", "seed": seed, "batches": num_eval}
-    else:
-        eval_batches = np.asarray(eval_batches, dtype=np.float32).reshape((-1, *shape))
-        evaluation = {"kind": "given", "batches": len(eval_batches)}
-    if calib is not None:
-        import hashlib
-
-        digest = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()  # noqa: E731
-        arr = calib.load() if hasattr(calib, "load") else np.asarray(calib)
-        seen = {digest(v) for v in arr.reshape((-1, *shape[1:]))}
-        if any(digest(v) in seen for v in eval_batches.reshape((-1, *shape[1:]))):
-            raise InputError("accuracy evaluation images must be distinct from the calibration images")
-    ref = _run_onnx(ref_onnx, spec.input_name, eval_batches)
-    test = _run_onnx(test_onnx, spec.input_name, eval_batches)
-    table = accuracy_table(ref, test, (spec.height, spec.width), random_weights=random_weights)
-    table.update(evaluation=evaluation, runtime="onnxruntime CPU, ORT_ENABLE_BASIC",
-                 reference=str(ref_onnx), test=str(test_onnx))
-    return table
+def compare_outputs(ref: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
+                    image_hw: Sequence[int] | None = None) -> dict[str, Any]:
+    """Errors of every output both sides have, plus pose metrics (``pose_enc``) and depth metrics (``depth``)."""
+    common = [k for k in ref if k in test]
+    if not common:
+        raise InputError(f"no common outputs to compare: reference {sorted(ref)}, test {sorted(test)}")
+    result: dict[str, Any] = {"outputs": {k: tensor_errors(ref[k], test[k]) for k in common},
+                              "only_in_reference": sorted(set(ref) - set(test)),
+                              "only_in_test": sorted(set(test) - set(ref))}
+    if "pose_enc" in common and image_hw is not None:
+        result["pose"] = pose_metrics(ref["pose_enc"], test["pose_enc"], image_hw)
+    if "depth" in common and np.shape(ref["depth"]) == np.shape(test["depth"]):
+        result["depth"] = depth_metrics(ref["depth"], test["depth"])
+    if image_hw is not None:
+        result["accuracy"] = accuracy_table(ref, test, image_hw)
+    for name, e in result["outputs"].items():
+        logger.info("compare %s: rel_l2 %.3g, max_abs %.3g (|ref| max %.3g)", name, e["rel_l2"], e["max_abs"],
+                    e["ref_max_abs"])
+    return result

@@ -12,7 +12,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, VggtTrtError
-from ..runtime.base import Runner, TensorMeta, TorchRunner, benchmark, make_runner, random_feeds
+from ..runtime.base import Runner, TensorMeta, random_feeds
+from ..runtime.benchmark import benchmark
+from ..runtime.factory import make_runner
+from ..runtime.torch_runner import TorchRunner
 
 logger = logging.getLogger(__name__)
 

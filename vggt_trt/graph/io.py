@@ -1,5 +1,4 @@
-"""ONNX files: load with clear errors, atomic save/copy with external data, hashing, summaries, and CPU runs
-(ONNX Runtime or the onnx reference evaluator) for numeric comparisons between graphs.
+"""ONNX files: load with clear errors, atomic save/copy with external data, hashing and summaries.
 
 A graph is saved into a temporary folder beside the target under its final file names
 (``<name>.onnx`` and ``<name>.onnx.data``), then the data file is renamed into place first and the
@@ -15,14 +14,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from ..errors import AccuracyError, GraphError, InputError
+from ..errors import GraphError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,8 @@ EXTERNAL_DATA_THRESHOLD = int(1.8 * (1 << 30))
 _CHUNK = 16 << 20
 
 
-def _check_file(path: str | os.PathLike) -> Path:
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; InputError when no such file exists."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"ONNX file not found: {p}")
@@ -40,7 +40,7 @@ def _check_file(path: str | os.PathLike) -> Path:
 
 def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     """Load an ONNX model; raise InputError for a missing file and GraphError for one ONNX cannot read."""
-    p = _check_file(path)
+    p = check_file(path)
     try:
         return onnx.load(str(p), load_external_data=load_external_data)
     except DecodeError as exc:
@@ -49,21 +49,21 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
         raise GraphError(f"cannot load the external data of {p}: {exc}") from exc
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """The graph and every subgraph nested in its nodes' attributes."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from subgraphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _graphs(g)
+                    yield from subgraphs(g)
 
 
 def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Initializers and tensor attributes (Constant values) of every graph."""
-    for g in _graphs(model.graph):
+    for g in subgraphs(model.graph):
         yield from g.initializer
         for node in g.node:
             for a in node.attribute:
@@ -149,7 +149,7 @@ def save_onnx(
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
     """The external data files an ONNX file references (sorted, unique, relative to its folder)."""
-    p = _check_file(path)
+    p = check_file(path)
     model = load_onnx(p, load_external_data=False)
     names = set()
     for t in _all_tensors(model):
@@ -168,13 +168,13 @@ def _set_location(t: onnx.TensorProto, location: str, offset: int, length: int) 
 
 def graph_bytes(path: str | os.PathLike) -> int:
     """Size on disk of an ONNX file plus its external data files."""
-    p = _check_file(path)
+    p = check_file(path)
     return p.stat().st_size + sum(f.stat().st_size for f in external_data_files(p) if f.is_file())
 
 
 def copy_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy an ONNX graph and its external data under ``dst``'s name, streaming tensors (low memory), atomically."""
-    src_p, dst_p = _check_file(src), Path(dst)
+    src_p, dst_p = check_file(src), Path(dst)
     if src_p.resolve() == dst_p.resolve():
         raise InputError(f"copy_onnx: source and destination are the same file: {src_p}")
     model = load_onnx(src_p, load_external_data=False)
@@ -218,7 +218,7 @@ def copy_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def onnx_sha256(path: str | os.PathLike) -> str:
     """SHA-256 over the .onnx file followed by each external data file it references (in name order)."""
-    p = _check_file(path)
+    p = check_file(path)
     h = hashlib.sha256()
     for f in [p, *external_data_files(p)]:
         try:
@@ -252,88 +252,11 @@ def io_summary(path_or_model: str | os.PathLike | onnx.ModelProto) -> dict[str, 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     """Node count per op type over the graph and its subgraphs, most frequent first (``domain::Op`` for custom ops)."""
     counts: collections.Counter[str] = collections.Counter()
-    for g in _graphs(model.graph):
+    for g in subgraphs(model.graph):
         for n in g.node:
             counts[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"] += 1
     return dict(counts.most_common())
 
 
 def node_count(model: onnx.ModelProto) -> int:
-    return sum(len(g.node) for g in _graphs(model.graph))
-
-
-# ------------------------------------------------------------------------- running graphs for comparisons
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
-             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
-    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError,)
-
-
-def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
-             *, backend: str = "ort", opt_level: str = "basic") -> dict[str, np.ndarray]:
-    """Run a graph on CPU with ONNX Runtime (``backend="ort"``) or the onnx reference evaluator ("reference")."""
-    p = _check_file(path)
-    if backend == "reference":  # pure numpy; slow, but runs bfloat16 graphs that ORT CPU cannot
-        from onnx.reference import ReferenceEvaluator
-
-        model = load_onnx(p)
-        names = list(output_names or [o.name for o in model.graph.output])
-        return dict(zip(names, ReferenceEvaluator(model).run(names, dict(feeds))))
-    if backend != "ort":
-        raise InputError(f"unknown backend {backend!r}; use 'ort' or 'reference'")
-    import onnxruntime as ort
-
-    level = ort.GraphOptimizationLevel
-    levels = {"disable": level.ORT_DISABLE_ALL, "basic": level.ORT_ENABLE_BASIC,
-              "extended": level.ORT_ENABLE_EXTENDED, "all": level.ORT_ENABLE_ALL}
-    if opt_level not in levels:
-        raise InputError(f"unknown ORT optimisation level {opt_level!r}; use one of {sorted(levels)}")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = levels[opt_level]
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-        wanted = {i.name for i in sess.get_inputs()}
-        if wanted != set(feeds):
-            raise InputError(f"{p.name} takes inputs {sorted(wanted)}; got {sorted(feeds)}")
-        names = list(output_names or [o.name for o in sess.get_outputs()])
-        return dict(zip(names, sess.run(names, dict(feeds))))
-    except _ort_errors() as exc:
-        raise GraphError(f"ONNX Runtime cannot run {p.name}: {exc}") from exc
-
-
-def compare_onnx_ort(ref_path: str | os.PathLike, test_path: str | os.PathLike, feeds: Mapping[str, np.ndarray],
-                     output_names: Sequence[str] | None = None, *, backend: str = "ort",
-                     opt_level: str = "basic") -> dict[str, dict[str, Any]]:
-    """Per-output :func:`vggt_trt.compare.tensor_errors` of ``test_path`` against ``ref_path``.
-
-    ORT's default level fuses Q/DQ into integer kernels and inflates errors, so the default is
-    ORT_ENABLE_BASIC (shared/notes/quantisation-stack.md). ``backend="reference"`` runs bfloat16 graphs.
-    """
-    ref = run_onnx(ref_path, feeds, output_names, backend=backend, opt_level=opt_level)
-    test = run_onnx(test_path, feeds, list(ref), backend=backend, opt_level=opt_level)
-    results: dict[str, dict[str, Any]] = {}
-    from ..compare import tensor_errors
-
-    for name, r in ref.items():
-        entry = tensor_errors(r, test[name])
-        results[name] = entry
-        logger.info("compare %s: rel_l2 %.3g, max_abs %.3g (|ref| max %.3g)", name, entry["rel_l2"],
-                    entry["max_abs"], entry["ref_max_abs"])
-    return results
-
-
-def assert_accuracy(results: Mapping[str, Mapping[str, Any]], max_rel_l2: float = 1e-2,
-                    per_output: Mapping[str, float] | None = None) -> None:
-    """Raise AccuracyError listing every output whose rel_l2 exceeds its tolerance (or is not finite)."""
-    bad = []
-    for name, entry in results.items():
-        tol = (per_output or {}).get(name, max_rel_l2)
-        err = float(entry["rel_l2"])
-        if not np.isfinite(err) or err > tol or entry.get("nonfinite", 0):
-            bad.append(f"{name}: rel_l2 {err:.4g} > {tol:g} (max_abs {float(entry['max_abs']):.4g}, "
-                       f"non-finite {entry.get('nonfinite', 0)})")
-    if bad:
-        raise AccuracyError(f"{len(bad)} of {len(results)} outputs over tolerance: " + "; ".join(bad))
+    return sum(len(g.node) for g in subgraphs(model.graph))

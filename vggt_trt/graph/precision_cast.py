@@ -1,7 +1,7 @@
 """Strongly typed fp16/bf16 graphs over onnx-graphsurgeon, with fp32 kept where precision matters.
 
 Own dtype propagation, so no in-memory shape inference is needed and external-data graphs above
-2 GB work. Re-exported by :mod:`vggt_trt.graph.sequences`.
+2 GB work.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import onnx
 
 from ..errors import GraphError, InputError
 from .io import node_count
+from .passes import keep_model_header, log_pass, quiet_graphsurgeon
 
-logger = logging.getLogger("vggt_trt.graph.sequences")
+logger = logging.getLogger(__name__)
 
 _F32, _BOOL, _I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL, onnx.TensorProto.INT64
 _LOW = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}
@@ -240,8 +241,6 @@ def cast_precision(model: onnx.ModelProto, precision: str = "fp16", *,
     consumers, so no op ever sees mixed input types (TensorRT: "ElementWiseOperation PROD must have same
     input types"). Needs no shape inference.
     """
-    from .sequences import _keep_model_header, _log_pass, quiet_graphsurgeon  # graph re-exports this module
-
     if precision not in _LOW:
         raise InputError(f"cast_precision: unknown precision {precision!r}; use one of {sorted(_LOW)}")
     if model.functions:
@@ -261,9 +260,9 @@ def cast_precision(model: onnx.ModelProto, precision: str = "fp16", *,
         caster.convert_edges()
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         result = gs.export_onnx(graph, do_type_check=False)
-    _keep_model_header(model, result)
+    keep_model_header(model, result)
     summary = {**caster.summary(), "nodes_before": before, "nodes_after": node_count(result)}
-    _log_pass(f"cast_precision({precision})", before, summary["nodes_after"], t0,
+    log_pass(logger, f"cast_precision({precision})", before, summary["nodes_after"], t0,
               f" ({summary['low_nodes']} low, fp32 kept: {summary['fp32_by_reason']}, {summary['casts_inserted']} "
               f"casts inserted, {summary['casts_rewritten']} Cast(to=FLOAT) rewritten)")
     if summary["values_clipped"]:

@@ -1,52 +1,25 @@
-"""ONNX graph passes: sequence removal, opset repair, simplification, checking, precision cast, comparison.
+"""ONNX graph passes that make a graph TensorRT can parse: sequence-op removal and opset / IR repair.
 
-Each pass is a short function (model -> model, or path -> result for the file-based ones) that logs node
-counts before and after. The fp16/bf16 cast is written over onnx-graphsurgeon with its own dtype
-propagation, so it needs no in-memory shape inference and works on external-data graphs above 2 GB.
+Each pass is a short function (model -> model) that logs node counts before and after.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
 
-from ..errors import GraphError, InputError
-from .io import (EXTERNAL_DATA_THRESHOLD, _check_file, _graphs, copy_onnx, graph_bytes, load_onnx,
-                      node_count, save_onnx, tensor_bytes)
-# ONNX Runtime comparison helpers live with the file I/O and the fp16/bf16 cast in precision_cast;
-# both are re-exported here as part of the graph-pass API
-from .io import assert_accuracy, compare_onnx_ort, run_onnx  # noqa: F401
+from ..errors import GraphError
+from .io import EXTERNAL_DATA_THRESHOLD, node_count, subgraphs, tensor_bytes
+from .passes import keep_model_header, log_pass, quiet_graphsurgeon
 
 logger = logging.getLogger(__name__)
 
 SEQUENCE_OPS = frozenset({"SplitToSequence", "SequenceAt", "ConcatFromSequence", "SequenceConstruct",
                           "SequenceLength", "SequenceEmpty", "SequenceInsert", "SequenceErase", "SequenceMap"})
-
-
-@contextlib.contextmanager
-def quiet_graphsurgeon() -> Iterator[Any]:
-    """Import onnx-graphsurgeon with its own console logger limited to errors for the duration of a pass."""
-    import onnx_graphsurgeon as gs
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    saved = G_LOGGER.severity
-    G_LOGGER.severity = G_LOGGER.ERROR
-    try:
-        yield gs
-    finally:
-        G_LOGGER.severity = saved
-
-
-def _log_pass(name: str, before: int, after: int, t0: float, extra: str = "") -> None:
-    logger.info("%s: %d -> %d nodes in %.2f s%s", name, before, after, time.perf_counter() - t0, extra)
 
 
 def _const_value(tensor: Any) -> np.ndarray | None:
@@ -183,7 +156,7 @@ class _SequenceRewriter:
 
 
 def _sequence_nodes(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    return [(n.name, n.op_type) for g in _graphs(model.graph) for n in g.node if n.op_type in SEQUENCE_OPS]
+    return [(n.name, n.op_type) for g in subgraphs(model.graph) for n in g.node if n.op_type in SEQUENCE_OPS]
 
 
 def assert_no_sequence_ops(model: onnx.ModelProto) -> None:
@@ -200,9 +173,9 @@ def remove_sequence_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     t0, before = time.perf_counter(), node_count(model)
     found = _sequence_nodes(model)
     if not found:
-        _log_pass("remove_sequence_ops", before, before, t0, " (no sequence ops)")
+        log_pass(logger, "remove_sequence_ops", before, before, t0, " (no sequence ops)")
         return model
-    if any(g is not model.graph for g in _graphs(model.graph) for n in g.node if n.op_type in SEQUENCE_OPS):
+    if any(g is not model.graph for g in subgraphs(model.graph) for n in g.node if n.op_type in SEQUENCE_OPS):
         raise GraphError("sequence ops inside control-flow subgraphs cannot be rewritten: "
                          + ", ".join(f"{n} ({o})" for n, o in found[:10]))
     if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:  # static axis lengths for SplitToSequence without split
@@ -226,20 +199,10 @@ def remove_sequence_ops(model: onnx.ModelProto) -> onnx.ModelProto:
             node.outputs.clear()
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         result = gs.export_onnx(graph, do_type_check=False)
-    _keep_model_header(model, result)
+    keep_model_header(model, result)
     assert_no_sequence_ops(result)
-    _log_pass("remove_sequence_ops", before, node_count(result), t0, f" ({len(found)} sequence ops rewritten)")
+    log_pass(logger, "remove_sequence_ops", before, node_count(result), t0, f" ({len(found)} sequence ops rewritten)")
     return result
-
-
-def _keep_model_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
-    """Carry the IR version, opsets, producer and metadata of ``src`` over to a re-exported ``dst``."""
-    dst.ir_version = src.ir_version
-    del dst.opset_import[:]
-    dst.opset_import.extend(src.opset_import)
-    dst.producer_name, dst.producer_version = src.producer_name, src.producer_version
-    del dst.metadata_props[:]
-    dst.metadata_props.extend(src.metadata_props)
 
 
 # -------------------------------------------------------------------------------------------- opset repair
@@ -271,104 +234,5 @@ def repair_opset(model: onnx.ModelProto, opset: int = 18, max_ir_version: int = 
         fixed = low if model.ir_version < low else high
         logger.warning("IR version %d is outside [%d, %d]; setting %d", model.ir_version, low, high, fixed)
         model.ir_version = fixed
-    _log_pass("repair_opset", n, n, t0)
+    log_pass(logger, "repair_opset", n, n, t0)
     return model
-
-
-# ---------------------------------------------------------------------------------------------- simplify
-@dataclass
-class SimplifyResult:
-    """What ``simplify`` did: ``status`` is "simplified", "skipped" or "failed"; ``path`` is the graph to use next."""
-
-    status: str
-    path: str
-    reason: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-    nodes_before: int | None = None
-    nodes_after: int | None = None
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# Peak memory of onnxslim (no shape inference, no folding, no Gemm fusion) over graph bytes: 13.5 GiB for
-# the 4.6 GiB VGGT-1B pcd-only graph, 13.7 GiB for the 4.8 GiB full graph (docs/BENCHMARKS.md); plus margin.
-SIMPLIFY_MEMORY_FACTOR = 3.2
-
-
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, None where that file does not exist."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def simplify(model_path: str | os.PathLike, out_path: str | os.PathLike, *, skip: bool = False,
-             large_model_bytes: int = EXTERNAL_DATA_THRESHOLD) -> SimplifyResult:
-    """Simplify with onnxslim into ``out_path``; on failure warn and copy the unsimplified graph there.
-
-    Graphs above ``large_model_bytes`` use onnxslim without shape inference and constant folding: with
-    them onnxslim went past 20 GiB on the full-size VGGT graph (see shared/notes/full-size-export-on-cpu.md).
-    ``skip`` writes nothing and returns the input path.
-    """
-    src, out, t0 = _check_file(model_path), Path(out_path), time.perf_counter()
-    if src.resolve() == out.resolve():
-        raise InputError(f"simplify: input and output are the same file: {src}")
-    if skip:
-        logger.info("simplify: skipped on request (--no-simplify); using %s", src.name)
-        return SimplifyResult("skipped", str(src), "skipped on request")
-    size = graph_bytes(src)
-    large = size > large_model_bytes
-    available = _available_memory()
-    if large and available is not None and available < SIMPLIFY_MEMORY_FACTOR * size:
-        reason = (f"onnxslim needs about {SIMPLIFY_MEMORY_FACTOR:g}x the graph size in memory "
-                  f"({SIMPLIFY_MEMORY_FACTOR * size / 2**30:.1f} GiB for {size / 2**30:.1f} GiB) and only "
-                  f"{available / 2**30:.1f} GiB is available")
-        logger.warning("simplify: skipped: %s; keeping the unsimplified graph (copied to %s)", reason, out.name)
-        copy_onnx(src, out)
-        return SimplifyResult("skipped", str(out), reason, {}, None, None, time.perf_counter() - t0)
-    options: dict[str, Any] = {"no_shape_infer": True, "skip_optimizations": ["constant_folding"]} if large else {}
-    # MatMul+Add -> Reshape/Gemm(transB=1)/Reshape gains TensorRT nothing and hides the weights from
-    # blockwise int4 quantisation (ModelOpt blocks a transposed Gemm weight along the wrong axis).
-    options["skip_fusion_patterns"] = ["FusionGemm"]
-    before = node_count(load_onnx(src, load_external_data=False))
-    reason = ""
-    try:
-        import onnxslim
-    except ImportError as exc:
-        reason = f"onnxslim is not installed ({exc}); pip install onnxslim"
-    else:
-        try:
-            slim = onnxslim.slim(str(src), **options)
-            if slim is None:
-                reason = "onnxslim returned no model"
-        # onnxslim is a third-party black box; any failure of it means "keep the unsimplified graph"
-        except Exception as exc:  # noqa: BLE001
-            reason = f"onnxslim failed: {type(exc).__name__}: {exc}"
-    if reason:
-        logger.warning("simplify: %s; keeping the unsimplified graph (copied to %s)", reason, out.name)
-        copy_onnx(src, out)
-        return SimplifyResult("failed", str(out), reason, options, before, before, time.perf_counter() - t0)
-    after = node_count(slim)
-    save_onnx(slim, out, external_data=True if large else None, restore=False)
-    _log_pass("simplify", before, after, t0, f" (onnxslim {options or 'defaults'})")
-    return SimplifyResult("simplified", str(out), "", options, before, after, time.perf_counter() - t0)
-
-
-def check_model(path: str | os.PathLike, full_check: bool = False) -> None:
-    """Run onnx.checker by path (works above 2 GB); raise GraphError with the checker's message."""
-    p, t0 = _check_file(path), time.perf_counter()
-    try:
-        onnx.checker.check_model(str(p), full_check=full_check)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise GraphError(f"onnx.checker rejected {p}: {exc}") from exc
-    logger.info("check_model: %s passed in %.2f s", p.name, time.perf_counter() - t0)
-
-
-from .precision_cast import cast_precision  # noqa: E402,F401  (needs the helpers above)

@@ -41,7 +41,7 @@ def check_fixture(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dic
     """Run the fixture's input through our model built from its config; per-output error stats."""
     import torch
 
-    from ..compare import tensor_errors
+    from ..accuracy import tensor_errors
     from ..recon.geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
     from .config import config_from_fixture
     from .vggt import FULL_OUTPUTS, VGGT

@@ -245,13 +245,13 @@ def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
 
 
 def stage_simplify(src: Path, dst: Path, skip: bool) -> dict[str, Any]:
-    from ..graph.sequences import simplify
+    from ..graph.simplify import simplify
 
     return simplify(src, dst, skip=skip).to_dict()
 
 
 def stage_check(path: Path) -> dict[str, Any]:
-    from ..graph.sequences import check_model
+    from ..graph.simplify import check_model
 
     check_model(path)
     return {"path": str(path), "checker": "passed"}
@@ -264,7 +264,8 @@ def verification_feeds(spec: ExportSpec, seed: int = 7) -> dict[str, np.ndarray]
 
 def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: bool) -> dict[str, Any]:
     """fp16/bf16 strongly typed graph, checked against the fp32 graph with ONNX Runtime (or the reference evaluator)."""
-    from ..graph.sequences import assert_accuracy, cast_precision, compare_onnx_ort
+    from ..graph.ort import assert_accuracy, compare_onnx_ort
+    from ..graph.precision_cast import cast_precision
     from ..graph.io import load_onnx, save_onnx
 
     model, summary = cast_precision(load_onnx(src), precision)

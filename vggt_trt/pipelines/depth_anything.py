@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError, WeightsError
-from ..runtime.base import Runner, TensorMeta, _torch_device
+from ..runtime.base import Runner, TensorMeta, torch_device
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class DepthTorchRunner(Runner):
     def activate_impl(self) -> None:
         import torch
 
-        self.device = _torch_device(self.requested_device)
+        self.device = torch_device(self.requested_device)
         model = self._given if self._given is not None else build_depth_model(
             self.model_name, self.random_init, self.seed, self.allow_download)
         self.model = model.to(self.device).eval()
@@ -398,7 +398,8 @@ def depth_runner_factory(model_name: str = DEFAULT_MODEL, depth_dir: str | os.Pa
                          precision: str = "fp32", random_init: bool = False, seed: int = 0,
                          allow_download: bool = False) -> Callable[[], Runner]:
     """A factory for the pool: engine/ONNX from ``depth_dir`` when given, else PyTorch (one shared model)."""
-    from ..runtime.base import OrtRunner, TrtRunner
+    from ..runtime.ort_runner import OrtRunner
+    from ..runtime.trt_runner import TrtRunner
 
     if depth_dir is not None and backend != "torch":
         path = find_depth_model(depth_dir, height, width, backend)

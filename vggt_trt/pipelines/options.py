@@ -22,7 +22,9 @@ class VggtModelOptions:
     seed: int = 0
 
     def make_runner(self) -> Any:
-        from ..runtime.base import OrtRunner, TorchRunner, TrtRunner
+        from ..runtime.ort_runner import OrtRunner
+        from ..runtime.torch_runner import TorchRunner
+        from ..runtime.trt_runner import TrtRunner
 
         if self.backend == "engine":
             return TrtRunner(self.model_path, trt_backend=self.trt_backend)

@@ -175,7 +175,7 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
     from ..recon import geometry as geo
     from ..recon import pointcloud as pc
     from ..atomic import atomic_path, write_json_atomic
-    from ..runtime.base import TorchRunner
+    from ..runtime.torch_runner import TorchRunner
 
     opts.validate()
     scene = rig.discover_scene(opts.images)

@@ -29,7 +29,8 @@ import numpy as np
 
 from ..atomic import write_json_atomic
 from ..errors import GraphError, InputError, MissingDependencyError
-from ..accuracy import accuracy_report  # re-exported: the convert stage takes it from here
+from .calib import synthetic_images
+from ..accuracy import accuracy_table
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -448,3 +449,59 @@ def _run_modelopt(src: Path, out: Path, precision: str, method: str, flat: np.nd
             os.replace(f, out.parent / f.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- accuracy of a Q/DQ graph
+
+
+def _run_batches(path: Any, input_name: str, batches: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of ``path`` for each batch, stacked on a new leading axis (ONNX Runtime CPU, basic opts)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # Extended/all levels fuse Q/DQ into integer kernels (different numbers) and break FP8 Q/DQ graphs.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    runs = [sess.run(names, {input_name: np.ascontiguousarray(b, dtype=np.float32)}) for b in batches]
+    return {n: np.stack([r[i] for r in runs]) for i, n in enumerate(names)}
+
+
+def accuracy_report(
+    ref_onnx: Any,
+    test_onnx: Any,
+    spec: Any,
+    calib: Any = None,
+    *,
+    eval_batches: np.ndarray | None = None,
+    num_eval: int = 2,
+    seed: int = 20250,
+    random_weights: bool = False,
+) -> dict[str, Any]:
+    """:func:`accuracy_table` of ``test_onnx`` against ``ref_onnx`` (fp32) in ONNX Runtime on the CPU.
+
+    ``spec`` needs ``input_name``, ``input_shape`` ``(S, 3, H, W)``, ``height`` and ``width`` (an
+    ``ExportSpec``). Evaluation inputs are ``eval_batches`` ``[n, S, 3, H, W]`` or ``num_eval``
+    synthetic batches (seeded by ``seed``); they must differ from every calibration batch in
+    ``calib`` (a CalibrationSet or an array), else :class:`InputError`.
+    """
+    shape = tuple(spec.input_shape)
+    if eval_batches is None:
+        eval_batches = synthetic_images(num_eval * shape[0], shape[2], shape[3], seed).reshape((num_eval, *shape))
+        evaluation = {"kind": "synthetic", "seed": seed, "batches": num_eval}
+    else:
+        eval_batches = np.asarray(eval_batches, dtype=np.float32).reshape((-1, *shape))
+        evaluation = {"kind": "given", "batches": len(eval_batches)}
+    if calib is not None:
+        digest = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).digest()  # noqa: E731
+        arr = calib.load() if hasattr(calib, "load") else np.asarray(calib)
+        seen = {digest(v) for v in arr.reshape((-1, *shape[1:]))}
+        if any(digest(v) in seen for v in eval_batches.reshape((-1, *shape[1:]))):
+            raise InputError("accuracy evaluation images must be distinct from the calibration images")
+    ref = _run_batches(ref_onnx, spec.input_name, eval_batches)
+    test = _run_batches(test_onnx, spec.input_name, eval_batches)
+    table = accuracy_table(ref, test, (spec.height, spec.width), random_weights=random_weights)
+    table.update(evaluation=evaluation, runtime="onnxruntime CPU, ORT_ENABLE_BASIC",
+                 reference=str(ref_onnx), test=str(test_onnx))
+    return table

@@ -1,6 +1,6 @@
 """TensorRT / TensorRT-RTX engine runner: checks that an engine can run here, then I/O as torch CUDA tensors.
 
-Part of :mod:`vggt_trt.runtime.base` (import it from there); kept apart to keep modules short.
+The only runner that touches TensorRT, always through :mod:`vggt_trt.trt.backend`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import InputError
-from .base import Runner, RuntimeUnavailableError, TensorMeta, _dims
+from ..errors import InputError, MissingDependencyError
+from ..trt import backend as tb
+from .base import Runner, RuntimeUnavailableError, TensorMeta, dims
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ def _report_backend(report: Mapping[str, Any] | None) -> tuple[str | None, str |
 
 def check_engine_can_run(engine_path: str | os.PathLike, info: Any) -> None:
     """Raise RuntimeUnavailableError when the engine cannot run here, saying exactly why (before deserialising)."""
-    from ..trt import backend as tb
-
     path = Path(engine_path)
     built_by, built_version = _report_backend(_build_report(path))
     if built_by and built_by != info.name:
@@ -108,8 +107,6 @@ class TrtRunner(Runner):
         self._outputs: dict[str, Any] = {}
 
     def activate_impl(self) -> None:
-        from ..trt import backend as tb
-
         if not self.path.is_file():
             raise InputError(f"engine file not found: {self.path}")
         trt, info = tb.import_tensorrt(self.trt_backend)
@@ -118,8 +115,6 @@ class TrtRunner(Runner):
         try:
             import torch
         except ImportError as exc:
-            from ..errors import MissingDependencyError
-
             raise MissingDependencyError("the TensorRT runner keeps I/O in torch CUDA tensors: install torch "
                                          "with CUDA") from exc
         if not torch.cuda.is_available():
@@ -148,10 +143,8 @@ class TrtRunner(Runner):
         self._output_names = [n for n in names if not is_input[n]]
 
     def _meta(self, name: str) -> TensorMeta:
-        from ..trt import backend as tb
-
         dtype = tb.dtype_name(self.engine.get_tensor_dtype(name))
-        return TensorMeta(name, _dims(tuple(self.engine.get_tensor_shape(name))),
+        return TensorMeta(name, dims(tuple(self.engine.get_tensor_shape(name))),
                           np.dtype(_NP_DTYPES.get(dtype, np.float32)).name)
 
     def deactivate_impl(self) -> None:
@@ -173,8 +166,6 @@ class TrtRunner(Runner):
 
     def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
         import torch
-
-        from ..trt import backend as tb
 
         torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8,
                         "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8}
