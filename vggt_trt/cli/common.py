@@ -1,11 +1,12 @@
-"""Shared pieces of the command-line front ends: error-to-exit-code mapping and flag spellings."""
+"""Shared pieces of the command-line front ends: the parser (flag spellings) and error-to-exit-code mapping."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import InputError, MissingDependencyError, VggtTrtError
 from ..logs import setup_logging
@@ -13,16 +14,25 @@ from ..logs import setup_logging
 EXIT_CODES = {InputError: 2, MissingDependencyError: 3}
 
 
-def add_bool_aliases(parser: argparse.ArgumentParser) -> None:
-    """Accept both spellings of every long flag: --num-cams and --num_cams (help shows the declared one)."""
-    for action in list(parser._actions):
-        for flag in list(action.option_strings):
-            if not flag.startswith("--"):
-                continue
-            body = flag[2:]
-            for alias in ("--" + body.replace("-", "_"), "--" + body.replace("_", "-")):
-                if alias not in parser._option_string_actions:
-                    parser._option_string_actions[alias] = action
+def hyphenate_flags(argv: Sequence[str]) -> list[str]:
+    """``--num_cams 8`` -> ``--num-cams 8`` (also ``--out_dir=x``); tokens after ``--`` stay as they are."""
+    out, rest = [], False
+    for token in argv:
+        if not rest and token.startswith("--") and len(token) > 2:
+            flag, sep, value = token.partition("=")
+            token = flag.replace("_", "-") + sep + value
+        rest = rest or token == "--"
+        out.append(token)
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose long flags are declared with hyphens (``--num-cams``) and also accept the
+    original toolkit's underscore spellings (``--num_cams``), which ``--help`` does not list."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        return super().parse_known_args(hyphenate_flags(sys.argv[1:] if args is None else args), namespace)
 
 
 def run_cli(job: Callable[[], int], log_dir: Path | None, name: str, verbose: bool) -> int:

@@ -17,7 +17,6 @@ Anything: their calibration data path is VGGT's (multi-view batches in [0, 1]).
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import logging
 import os
@@ -331,7 +330,7 @@ def find_depth_model(directory: str | os.PathLike, height: int, width: int, back
     have = sorted(p.name for p in d.iterdir() if p.suffix in (".engine", ".plan", ".onnx"))
     raise InputError(f"--depth_engine_dir {d}: no Depth Anything model with input 1x3x{height}x{width} "
                      f"({'/'.join(suffixes)}); found {have or 'nothing'}. Build one with "
-                     f"python -m vggt_trt.pipelines.depth_anything --height {height} --width {width}")
+                     f"python -m vggt_trt.cli.depth_anything --height {height} --width {width}")
 
 
 class DepthPool:
@@ -408,39 +407,3 @@ def depth_runner_factory(model_name: str = DEFAULT_MODEL, depth_dir: str | os.Pa
         return lambda: TrtRunner(path)
     model = build_depth_model(model_name, random_init, seed, allow_download)
     return lambda: DepthTorchRunner(model_name, device=device, precision=precision, model=model)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vggt_trt.pipelines.depth_anything``: export + build Depth Anything into onnx_exports/depth_anything."""
-    from ..cli.common import add_bool_aliases, run_cli
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir or preset ({', '.join(PRESETS)})")
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--allow-download", action="store_true")
-    p.add_argument("--height", type=int, default=518)
-    p.add_argument("--width", type=int, default=518)
-    p.add_argument("--precision", action="append", choices=DEPTH_PRECISIONS, help="repeatable (default fp16)")
-    p.add_argument("--output-dir", type=Path, default=Path("onnx_exports/depth_anything"))
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
-    p.add_argument("--skip-build", action="store_true")
-    p.add_argument("--no-simplify", action="store_true")
-    p.add_argument("--log-dir", type=Path)
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_bool_aliases(p)
-    args = p.parse_args(argv)
-
-    def job() -> int:
-        spec = DepthSpec(args.model, 1, args.height, args.width)
-        for r in convert_depth_anything(spec, args.output_dir, args.precision or ["fp16"],
-                                        random_init=args.random_init, allow_download=args.allow_download,
-                                        backend=args.backend, skip_build=args.skip_build,
-                                        no_simplify=args.no_simplify):
-            logger.info("%s %s: %s", r["stem"], r["precision"], r.get("engine", {}).get("path") or r["onnx"]["path"])
-        return 0
-
-    return run_cli(job, args.log_dir, "depth_anything", args.verbose)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
