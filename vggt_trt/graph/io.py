@@ -49,6 +49,11 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
         raise GraphError(f"cannot load the external data of {p}: {exc}") from exc
 
 
+def as_model(model: str | os.PathLike | onnx.ModelProto, load_external_data: bool = False) -> onnx.ModelProto:
+    """``model`` itself when it is a ModelProto, else the graph loaded from that path."""
+    return model if isinstance(model, onnx.ModelProto) else load_onnx(model, load_external_data)
+
+
 def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """The graph and every subgraph nested in its nodes' attributes."""
     yield graph
@@ -256,6 +261,26 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
         for n in g.node:
             counts[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"] += 1
     return dict(counts.most_common())
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes of ``graph`` (top level) that read it."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node values of the top-level graph, by the tensor name they define."""
+    out = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    out[node.output[0]] = a.t
+    return out
 
 
 def node_count(model: onnx.ModelProto) -> int:

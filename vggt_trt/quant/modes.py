@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..errors import GraphError, InputError, MissingDependencyError
-from .ptq import _consumers, _constants, _load, _save_model_atomic, qdq_summary
+from ..graph.io import constant_tensors, consumers, load_onnx, save_onnx
+from .ptq import qdq_summary
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -318,23 +319,23 @@ def fold_weight_dequant_to_dq(model: "onnx.ModelProto") -> dict[str, int]:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
-    consts = _constants(model)
+    consts = constant_tensors(model)
     inits = {t.name: t for t in graph.initializer}
-    consumers = _consumers(graph)
+    users = consumers(graph)
     folded, dead = 0, set()
     for node in list(graph.node):
         q = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if q is None or q.data_type != TensorProto.INT8:
             continue
-        if len(q.dims) != 3 or len(consumers.get(node.output[0], [])) != 1:
+        if len(q.dims) != 3 or len(users.get(node.output[0], [])) != 1:
             continue
         scale_ok = float(numpy_helper.to_array(consts[node.input[1]])) == 1.0 if node.input[1] in consts else False
         zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        mul = consumers[node.output[0]][0]
+        mul = users[node.output[0]][0]
         if not scale_ok or (zp is not None and np.any(numpy_helper.to_array(zp))) or mul.op_type != "Mul":
             continue
         s_name = mul.input[1] if mul.input[0] == node.output[0] else mul.input[0]
-        nxt = consumers.get(mul.output[0], [])
+        nxt = users.get(mul.output[0], [])
         if s_name not in consts or len(nxt) != 1 or nxt[0].op_type != "Reshape":
             continue
         g, b, n = q.dims
@@ -394,7 +395,7 @@ def finalize_quant_mode_graph(onnx_path: str | os.PathLike, report: dict[str, An
     ``graph`` (:func:`qdq_summary`) and ``fold`` counts added.
     """
     src = Path(onnx_path)
-    proto = _load(src, with_data=True)
+    proto = load_onnx(src)
     fold = fold_weight_dequant_to_dq(proto) if report.get("mode", "none") != "none" else {}
     summary = qdq_summary(proto)
     expected = int(report.get("quantized_layers", 0))
@@ -403,7 +404,7 @@ def finalize_quant_mode_graph(onnx_path: str | os.PathLike, report: dict[str, An
             f"quant mode {report['mode']}: {expected} layers were quantised in torch but the graph {src} holds "
             f"{summary['quantized_weight_count']} quantised weights ({summary['quantized_weights']}); refusing to "
             "label float weights as quantised")
-    dst = _save_model_atomic(proto, Path(out_path) if out_path else src)
+    dst = save_onnx(proto, Path(out_path) if out_path else src, restore=False)
     log.info("quant mode %s graph %s: %d Q / %d DQ, quantised weights %s, weights %.1f MB (%.1f MB as fp32)",
              report.get("mode"), dst, summary["quantize_linear"], summary["dequantize_linear"],
              summary["quantized_weights"], summary["weight_bytes"] / 1e6, summary["weight_bytes_if_fp32"] / 1e6)

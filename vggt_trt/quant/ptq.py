@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from ..accuracy import accuracy_table
 from ..atomic import write_json_atomic
 from ..errors import GraphError, InputError, MissingDependencyError
+from ..graph.io import (EXTERNAL_DATA_THRESHOLD, as_model, constant_tensors, consumers, external_data_files, load_onnx,
+                        onnx_sha256, save_onnx)
 from .calib import synthetic_images
-from ..accuracy import accuracy_table
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -39,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "default_exclusions", "find_input_convs", "find_output_layers", "graph_sha256",
+__all__ = ["PRECISIONS", "default_exclusions", "find_input_convs", "find_output_layers",
            "qdq_summary", "quantize_onnx", "accuracy_report"]
 
 PRECISIONS = ("int8", "fp8", "int4")
@@ -53,42 +55,20 @@ NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization",
 FP32_OP_TYPES = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
                  "Exp", "Softplus")
 _CACHE_FORMAT = 1
-_EXTERNAL_THRESHOLD = 1 << 30  # bytes: larger graphs are saved with external data
 
 
 # --------------------------------------------------------------------------- graph queries
 
 
-def _load(model: "str | os.PathLike | onnx.ModelProto", with_data: bool = False) -> "onnx.ModelProto":
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if not Path(model).is_file():
-        raise InputError(f"ONNX file does not exist: {model}")
-    try:
-        return onnx.load(os.fspath(model), load_external_data=with_data)
-    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, ValueError) as exc:
-        raise GraphError(f"cannot load ONNX graph {model}: {exc}") from exc
-
-
-def _consumers(graph: "onnx.GraphProto") -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def find_input_convs(model: "str | os.PathLike | onnx.ModelProto", input_name: str = "images") -> list[str]:
     """Conv nodes fed by graph input ``input_name`` through non-compute ops (the patch embed)."""
-    graph = _load(model).graph
+    graph = as_model(model).graph
     if input_name not in {i.name for i in graph.input}:
         raise GraphError(f"graph has no input {input_name!r} (inputs: {[i.name for i in graph.input]})")
-    consumers = _consumers(graph)
+    users = consumers(graph)
     found, seen, frontier = [], {input_name}, [input_name]
     while frontier:
-        for node in consumers.get(frontier.pop(), []):
+        for node in users.get(frontier.pop(), []):
             if node.op_type in ("Conv", "ConvTranspose"):
                 found.append(node.name)
             elif node.op_type not in _COMPUTE_OPS | _SHAPE_OPS:
@@ -100,7 +80,7 @@ def find_input_convs(model: "str | os.PathLike | onnx.ModelProto", input_name: s
 def find_output_layers(model: "str | os.PathLike | onnx.ModelProto",
                        op_types: Iterable[str] = ("Conv", "ConvTranspose")) -> list[str]:
     """Compute nodes of ``op_types`` whose output reaches a graph output with no compute op between."""
-    graph = _load(model).graph
+    graph = as_model(model).graph
     producer = {o: n for n in graph.node for o in n.output}
     wanted, found = set(op_types), set()
     seen = {o.name for o in graph.output}
@@ -124,7 +104,7 @@ def default_exclusions(model: "str | os.PathLike | onnx.ModelProto", input_name:
                        output_op_types: Iterable[str] = ("Conv", "ConvTranspose"),
                        norm_ops: bool = True) -> dict[str, list[str]]:
     """Nodes and op types kept in high precision: ``patch_embed``, ``output_layers``, ``op_types``."""
-    proto = _load(model)
+    proto = as_model(model)
     present = {n.op_type for n in proto.graph.node}
     unnamed = [n.op_type for n in proto.graph.node if not n.name]
     if unnamed:
@@ -136,37 +116,6 @@ def default_exclusions(model: "str | os.PathLike | onnx.ModelProto", input_name:
 
 
 # --------------------------------------------------------------------------- summaries
-
-
-def _external_files(path: Path, proto: "onnx.ModelProto") -> list[Path]:
-    locs = set()
-    for t in _constants(proto).values():
-        for entry in t.external_data:
-            if entry.key == "location":
-                locs.add(entry.value)
-    return [path.parent / loc for loc in sorted(locs)]
-
-
-def graph_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of an ONNX file and its external data files (in location order)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for f in [path] + _external_files(path, _load(path)):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 23), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _constants(proto: "onnx.ModelProto") -> dict[str, Any]:
-    out = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.HasField("t"):
-                    out[node.output[0]] = a.t
-    return out
 
 
 def _tensor_bytes(t: Any) -> int:
@@ -184,8 +133,8 @@ def qdq_summary(onnx_path: "str | os.PathLike | onnx.ModelProto") -> dict[str, A
     """Q/DQ counts, quantised weight initializers by dtype, and weight bytes (stored and as fp32)."""
     from onnx import TensorProto
 
-    proto = _load(onnx_path)
-    consts = _constants(proto)
+    proto = as_model(onnx_path)
+    consts = constant_tensors(proto)
     name_of = TensorProto.DataType.Name
     float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     q = dq = act_q = 0
@@ -224,31 +173,11 @@ def qdq_summary(onnx_path: "str | os.PathLike | onnx.ModelProto") -> dict[str, A
 # --------------------------------------------------------------------------- ONNX PTQ
 
 
-def _save_model_atomic(proto: "onnx.ModelProto", path: Path, external: bool | None = None) -> Path:
-    """Save to a temporary folder beside ``path``; move the data file first and the .onnx last."""
-    import onnx
-
-    if external is None:
-        external = sum(_tensor_bytes(t) for t in proto.graph.initializer) > _EXTERNAL_THRESHOLD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        onnx.save_model(proto, os.fspath(tmp / path.name), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location=f"{path.name}.data", size_threshold=1024)
-        if external:  # never leave the old .onnx beside a new data file
-            path.unlink(missing_ok=True)
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == path.name):
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def _stage_input(src: Path, work: Path) -> Path:
     """A private copy of a single-file graph in ``work`` (ModelOpt writes its intermediates beside its
     input). Graphs with external data are used in place: onnx refuses data behind links, and
     copying gigabytes is worse than ModelOpt's short-lived ``<stem>_*.onnx`` files beside them."""
-    if _external_files(src, _load(src)):
+    if external_data_files(src):
         log.info("ModelOpt writes temporary files beside %s (external data is not copied)", src)
         return src
     shutil.copyfile(src, work / src.name)
@@ -317,7 +246,9 @@ def quantize_onnx(
         raise InputError(f"{precision} calibration method must be one of {_METHODS[precision]}, found {method!r}")
     if out.suffix != ".onnx" or out.resolve() == src.resolve():
         raise InputError(f"output must be a new .onnx path, found {out}")
-    proto = _load(src)
+    if not src.is_file():
+        raise InputError(f"ONNX file does not exist: {src}")
+    proto = as_model(src)
     inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     if input_name not in inputs:
         raise InputError(f"graph {src} has no input {input_name!r} (inputs: {list(inputs)})")
@@ -347,7 +278,7 @@ def quantize_onnx(
             nodes = sorted(set(nodes) | set(gemm_t))
     present = {n.op_type for n in proto.graph.node}
     keep32 = sorted(t for t in set(fp32_op_types) if t in present) if precision != "int4" else []
-    key = {"format": _CACHE_FORMAT, "fp32_graph_sha256": graph_sha256(src), "precision": precision,
+    key = {"format": _CACHE_FORMAT, "fp32_graph_sha256": onnx_sha256(src), "precision": precision,
            "method": method, "calibration": calib_key, "input": {input_name: list(shape)},
            "exclude_nodes": nodes, "exclude_op_types": sorted(excl["op_types"]),
            "high_precision_dtype": high_precision_dtype, "block_size": block_size, "dq_only": dq_only,
@@ -360,7 +291,7 @@ def quantize_onnx(
     entry = Path(cache_dir) / f"calibration-{precision}-{digest[:16]}.onnx" if cache_dir else None
     if entry is not None and entry.is_file() and _read_json(entry.with_suffix(".json")) == key:
         log.info("reusing calibrated %s graph %s (cache key %s)", precision, entry, digest[:16])
-        _save_model_atomic(_load(entry, with_data=True), out, use_external_data)
+        save_onnx(load_onnx(entry), out, external_data=use_external_data, restore=False)
         report["cache_hit"] = True
     else:
         target = entry if entry is not None else out
@@ -371,7 +302,7 @@ def quantize_onnx(
                       high_precision_dtype, block_size, dq_only, use_external_data, list(calibration_eps), keep32)
         if entry is not None:
             write_json_atomic(entry.with_suffix(".json"), key)
-            _save_model_atomic(_load(entry, with_data=True), out, use_external_data)
+            save_onnx(load_onnx(entry), out, external_data=use_external_data, restore=False)
     summary = qdq_summary(out)
     if summary["dequantize_linear"] == 0:
         raise GraphError(f"{precision} quantisation of {src} inserted no Q/DQ nodes")
@@ -419,7 +350,7 @@ def _run_modelopt(src: Path, out: Path, precision: str, method: str, flat: np.nd
         (work / "out").mkdir()
         staged = _stage_input(src, work / "in")
         big = external if external is not None else (
-            bool(_external_files(src, _load(src))) or src.stat().st_size > _EXTERNAL_THRESHOLD)
+            bool(external_data_files(src)) or src.stat().st_size > EXTERNAL_DATA_THRESHOLD)
         kwargs: dict[str, Any] = dict(
             quantize_mode=precision, calibration_method=method, calibration_eps=eps,
             nodes_to_exclude=[f"^{re.escape(n)}$" for n in nodes] or None, use_external_data_format=big,

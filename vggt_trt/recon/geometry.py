@@ -91,7 +91,7 @@ _NUMPY_OPS = _make_ops()
 _TORCH_OPS: SimpleNamespace | None = None
 
 
-def _ops(x: Any) -> SimpleNamespace:
+def array_ops(x: Any) -> SimpleNamespace:
     """numpy or torch operations, matching the type of ``x`` (imports torch only for a tensor)."""
     global _TORCH_OPS
     if not is_torch(x):
@@ -103,7 +103,7 @@ def _ops(x: Any) -> SimpleNamespace:
     return _TORCH_OPS
 
 
-def _as_float(x: Any, name: str) -> Array:
+def as_float(x: Any, name: str) -> Array:
     """numpy: non-float inputs become float64 arrays; torch: non-float tensors become float32."""
     if is_torch(x):
         return x if x.is_floating_point() else x.float()
@@ -141,9 +141,9 @@ def quat_to_mat(quat: Array) -> Array:
     Like the reference, ``two_s = 2 / |q|^2`` absorbs the norm (no explicit normalisation), so
     any non-zero quaternion gives a proper rotation.
     """
-    quat = _as_float(quat, "quat")
+    quat = as_float(quat, "quat")
     _check_trailing(quat, (4,), "quat")
-    ops = _ops(quat)
+    ops = array_ops(quat)
     i, j, k, r = quat[..., 0], quat[..., 1], quat[..., 2], quat[..., 3]
     two_s = 2.0 / (quat * quat).sum(-1)
     o = ops.stack(
@@ -168,9 +168,9 @@ def mat_to_quat(matrix: Array) -> Array:
 
     The reference (PyTorch3D) algorithm: four candidate quaternions, keep the best-conditioned one.
     """
-    matrix = _as_float(matrix, "matrix")
+    matrix = as_float(matrix, "matrix")
     _check_trailing(matrix, (3, 3), "matrix")
-    ops = _ops(matrix)
+    ops = array_ops(matrix)
     m00, m01, m02 = matrix[..., 0, 0], matrix[..., 0, 1], matrix[..., 0, 2]
     m10, m11, m12 = matrix[..., 1, 0], matrix[..., 1, 1], matrix[..., 1, 2]
     m20, m21, m22 = matrix[..., 2, 0], matrix[..., 2, 1], matrix[..., 2, 2]
@@ -210,9 +210,9 @@ def pose_encoding_to_extri_intri(
     ``image_hw`` is the (height, width) of the model input. With ``build_intrinsics=False`` the
     intrinsics are ``None`` (as in the reference).
     """
-    pose_enc = _as_float(pose_enc, "pose_enc")
+    pose_enc = as_float(pose_enc, "pose_enc")
     _check_trailing(pose_enc, (9,), "pose_enc")
-    ops = _ops(pose_enc)
+    ops = array_ops(pose_enc)
     t = pose_enc[..., :3]
     rot = quat_to_mat(pose_enc[..., 3:7])
     extrinsic = ops.concat([rot, t[..., None]], -1)
@@ -234,11 +234,11 @@ def extri_intri_to_pose_encoding(
     extrinsic: Array, intrinsic: Array, image_hw: Sequence[int]
 ) -> Array:
     """Encode extrinsics ``[..., 3, 4]`` and intrinsics ``[..., 3, 3]`` as ``[..., 9]`` (the inverse)."""
-    extrinsic = _as_float(extrinsic, "extrinsic")
-    intrinsic = _as_float(intrinsic, "intrinsic")
+    extrinsic = as_float(extrinsic, "extrinsic")
+    intrinsic = as_float(intrinsic, "intrinsic")
     _check_trailing(extrinsic, (3, 4), "extrinsic")
     _check_trailing(intrinsic, (3, 3), "intrinsic")
-    ops = _ops(extrinsic)
+    ops = array_ops(extrinsic)
     h, w = _image_hw(image_hw)
     quat = mat_to_quat(extrinsic[..., :3, :3])
     fov_h = 2 * ops.atan((h / 2) / intrinsic[..., 1, 1])
@@ -251,10 +251,10 @@ def extri_intri_to_pose_encoding(
 
 def closed_form_inverse_se3(se3: Array) -> Array:
     """Invert rigid transforms ``[..., 3, 4]`` or ``[..., 4, 4]``; returns ``[..., 4, 4]``."""
-    se3 = _as_float(se3, "se3")
+    se3 = as_float(se3, "se3")
     if se3.ndim < 2 or tuple(se3.shape[-2:]) not in ((3, 4), (4, 4)):
         raise InputError(f"se3: expected shape [..., 3, 4] or [..., 4, 4], found {list(se3.shape)}")
-    ops = _ops(se3)
+    ops = array_ops(se3)
     rot_t = ops.swap(se3[..., :3, :3])
     top_right = -(rot_t @ se3[..., :3, 3:])
     top = ops.concat([rot_t, top_right], -1)
@@ -266,12 +266,12 @@ def closed_form_inverse_se3(se3: Array) -> Array:
 
 def camera_centers(extrinsic: Array) -> Array:
     """World positions ``[..., 3]`` of cameras with cam-from-world extrinsics ``[..., 3|4, 4]``."""
-    extrinsic = _as_float(extrinsic, "extrinsic")
+    extrinsic = as_float(extrinsic, "extrinsic")
     if extrinsic.ndim < 2 or tuple(extrinsic.shape[-2:]) not in ((3, 4), (4, 4)):
         raise InputError(
             f"extrinsic: expected [..., 3, 4] or [..., 4, 4], found {list(extrinsic.shape)}"
         )
-    ops = _ops(extrinsic)
+    ops = array_ops(extrinsic)
     return -(ops.swap(extrinsic[..., :3, :3]) @ extrinsic[..., :3, 3:])[..., 0]
 
 
@@ -298,9 +298,9 @@ def unproject_depth_map_to_point_map(
         import torch
 
         extrinsic, intrinsic = (torch.as_tensor(a, device=depth.device) for a in (extrinsic, intrinsic))
-    depth = _as_float(depth, "depth")
-    extrinsic = _as_float(extrinsic, "extrinsic")
-    intrinsic = _as_float(intrinsic, "intrinsic")
+    depth = as_float(depth, "depth")
+    extrinsic = as_float(extrinsic, "extrinsic")
+    intrinsic = as_float(intrinsic, "intrinsic")
     _check_trailing(extrinsic, (3, 4), "extrinsic")
     _check_trailing(intrinsic, (3, 3), "intrinsic")
     lead = tuple(extrinsic.shape[:-2])
@@ -328,7 +328,7 @@ def unproject_depth_map_to_point_map(
         depth = np.asarray(depth, dtype=dtype)
         extrinsic = np.asarray(extrinsic, dtype=dtype)
         intrinsic = np.asarray(intrinsic, dtype=dtype)
-    ops = _ops(depth)
+    ops = array_ops(depth)
     h, w = depth.shape[-2:]
     fx = intrinsic[..., 0, 0][..., None, None]
     fy = intrinsic[..., 1, 1][..., None, None]
@@ -378,8 +378,8 @@ def confidence_mask(
     ``conf >= threshold`` (like ``demo_colmap``'s ``conf_thres_value``); both may be combined.
     Non-finite confidences and ``conf <= eps`` are always dropped.
     """
-    conf = _as_float(conf, "conf")
-    ops = _ops(conf)
+    conf = as_float(conf, "conf")
+    ops = array_ops(conf)
     finite = ops.isfinite(conf)
     all_finite = bool(finite.all())
     mask = (conf > eps) if all_finite else finite & (conf > eps)
@@ -415,11 +415,11 @@ def umeyama_similarity(src: Array, dst: Array, with_scale: bool = True) -> Umeya
     from camera centres. Needs N >= 2 distinct points; with collinear points the rotation about
     their line is undetermined (a warning is logged and one valid solution is returned).
     """
-    src = _as_float(src, "src")
-    dst = _as_float(dst, "dst")
+    src = as_float(src, "src")
+    dst = as_float(dst, "dst")
     if is_torch(src) != is_torch(dst):
         raise InputError("umeyama: src and dst must both be numpy arrays or both torch tensors")
-    ops = _ops(src)
+    ops = array_ops(src)
     if is_torch(src):
         dst = dst.to(src)
     else:
@@ -457,9 +457,9 @@ def umeyama_similarity(src: Array, dst: Array, with_scale: bool = True) -> Umeya
 
 def apply_similarity(points: Array, scale: float, R: Array, t: Array) -> Array:
     """``scale * R @ p + t`` for points ``[..., 3]``."""
-    points = _as_float(points, "points")
+    points = as_float(points, "points")
     _check_trailing(points, (3,), "points")
-    ops = _ops(points)
+    ops = array_ops(points)
     return scale * (points @ ops.swap(R)) + t
 
 
@@ -469,9 +469,9 @@ def similarity_transform_extrinsics(extrinsic: Array, scale: float, R: Array, t:
     Camera coordinates are scaled too (``x_cam' = scale x_cam``), so depth becomes metric:
     ``R_c' = R_c R^T``, ``t_c' = scale t_c - R_c R^T t``.
     """
-    extrinsic = _as_float(extrinsic, "extrinsic")
+    extrinsic = as_float(extrinsic, "extrinsic")
     _check_trailing(extrinsic, (3, 4), "extrinsic")
-    ops = _ops(extrinsic)
+    ops = array_ops(extrinsic)
     rot_c = extrinsic[..., :3, :3] @ ops.swap(R)
     t_c = scale * extrinsic[..., :3, 3] - (rot_c @ t[..., None])[..., 0]
     return ops.concat([rot_c, t_c[..., None]], -1)

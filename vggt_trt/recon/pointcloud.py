@@ -17,7 +17,7 @@ import numpy as np
 
 from ..atomic import atomic_path, write_json_atomic
 from ..errors import InputError
-from .geometry import Array, _as_float, _ops, confidence_mask, is_torch, mat_to_quat
+from .geometry import Array, array_ops, as_float, confidence_mask, is_torch, mat_to_quat
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,8 @@ def filter_points(
     leading shape; numpy or torch (on any device). See :func:`vggt_trt.recon.geometry.confidence_mask`
     for ``threshold`` / ``percentile``. Returns ``xyz [N, 3]``, ``rgb [N, 3]``, ``conf [N]``.
     """
-    xyz = _as_float(xyz, "xyz")
-    ops = _ops(xyz)
+    xyz = as_float(xyz, "xyz")
+    ops = array_ops(xyz)
     if xyz.ndim < 1 or xyz.shape[-1] != 3:
         raise InputError(f"xyz: expected shape [..., 3], found {list(xyz.shape)}")
     lead = tuple(xyz.shape[:-1])
