@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..pipelines.convert import PRECISIONS, ConvertOptions, convert, parse_precisions
+from ..pipelines.convert import ConvertOptions, convert, parse_precisions
+from ..precisions import PRECISIONS
 from ..quant.modes import QUANT_MODES
 from .common import ArgumentParser, run_cli
 

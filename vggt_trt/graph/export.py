@@ -15,12 +15,10 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .io import move_into_place
+from .io import EXTERNAL_DATA_THRESHOLD, move_into_place
 from ..model.vggt import FULL_OUTPUTS, PCD_OUTPUTS, check_image_shape
 
 logger = logging.getLogger(__name__)
-
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which the graph keeps its tensors in a .data file
 
 
 @dataclass(frozen=True)

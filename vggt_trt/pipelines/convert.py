@@ -1,28 +1,51 @@
 """The conversion pipeline behind vggt_to_trt.py: export, sequence removal, simplify, check,
-precision graph, engine build, build report. Each stage is a plain function over paths."""
+precision graph, engine build, build report. Each stage is a plain function over paths.
+
+The stages after the export are model-agnostic (:func:`clean_graph`, :func:`convert_precisions`): VGGT
+(:func:`convert`) and Depth Anything (:mod:`vggt_trt.pipelines.depth_anything`) are two export targets
+over them. ``spec`` is any export config with ``stem``, ``input_name``, ``input_shape`` and ``to_dict()``.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import logging
+import multiprocessing as mp
 import os
 import platform
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import onnx
+from tqdm import tqdm
 
+from ..accuracy import format_accuracy_table
 from ..atomic import atomic_path, write_json_atomic
-from ..errors import InputError
-from ..graph.export import ExportSpec
+from ..errors import BuildError, GraphError, InputError, MissingDependencyError
+from ..graph.export import ExportSpec, export_onnx
+from ..graph.io import copy_onnx, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256, save_onnx
+from ..graph.ort import assert_accuracy, compare_onnx_ort
+from ..graph.precision_cast import cast_precision
+from ..graph.sequences import assert_no_sequence_ops, remove_sequence_ops, repair_opset
+from ..graph.simplify import check_model, simplify
+from ..logs import quiet_third_party
+from ..model.vggt import VGGT
+from ..model.weights import build_model, config_for_model_name
+from ..precisions import ALL_PRECISIONS, CAST_PRECISIONS, PRECISIONS, QDQ_PRECISIONS
+from ..quant.calib import CalibrationSet, calibration_set
+from ..quant.modes import apply_quant_mode, finalize_quant_mode_graph
+from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
+from ..quant.trt10_calibrator import make_entropy_calibrator
+# modules, not names: tests (and users) swap import_tensorrt / build_engine on them
+from ..trt import backend as trt_backend
+from ..trt import build as trt_build
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
-ALL_PRECISIONS = ("fp16", "bf16", "fp8", "int8", "int4")
-CAST_PRECISIONS = ("fp16", "bf16")
-QDQ_PRECISIONS = ("fp8", "int8", "int4")
 REQUIRED_OUTPUTS = ("pose_enc", "depth", "depth_conf")
 # Largest graph (bytes of weights) whose cast/quantised copy is also checked numerically on CPU by default.
 VERIFY_MAX_BYTES = 512 << 20
@@ -103,12 +126,9 @@ def preflight_build(opts: ConvertOptions) -> None:
     """Reject missing TensorRT modules and precision/target combinations before any export work."""
     if opts.skip_build:
         return
-    from ..trt.build import resolve_compute_capabilities
-    from ..trt.backend import import_tensorrt
-
-    trt, info = import_tensorrt(opts.backend)
+    trt, info = trt_backend.import_tensorrt(opts.backend)
     for precision in opts.precisions:
-        resolve_compute_capabilities(trt, info, precision, list(opts.compute_capabilities) or None)
+        trt_build.resolve_compute_capabilities(trt, info, precision, list(opts.compute_capabilities) or None)
     if opts.int8_calibrator:
         _require_calibrator_backend(info)
 
@@ -123,11 +143,7 @@ def _require_calibrator_backend(info: Any) -> None:
 
 def _int8_calibrator(onnx_path: Path, opts: ConvertOptions) -> Any:
     """The TensorRT 10 entropy calibrator for ``onnx_path`` (fp32 graph), its cache in the output directory."""
-    from ..graph.io import onnx_sha256
-    from ..trt.backend import import_tensorrt
-    from ..quant.trt10_calibrator import make_entropy_calibrator
-
-    trt, info = import_tensorrt(opts.backend)
+    trt, info = trt_backend.import_tensorrt(opts.backend)
     _require_calibrator_backend(info)
     spec = spec_from_onnx(onnx_path)
     return make_entropy_calibrator(trt, calibration(opts, spec), opts.output_dir, input_name=spec.input_name,
@@ -136,8 +152,6 @@ def _int8_calibrator(onnx_path: Path, opts: ConvertOptions) -> Any:
 
 def spec_from_onnx(path: Path) -> ExportSpec:
     """Read the export shape from an existing graph; raise InputError when it is not a VGGT graph."""
-    from ..graph.io import io_summary
-
     if not path.is_file():
         raise InputError(f"--onnx-in: file not found: {path}")
     try:
@@ -156,10 +170,8 @@ def spec_from_onnx(path: Path) -> ExportSpec:
     return ExportSpec(shape[0], shape[2], shape[3], pcd_only="world_points" not in outputs, input_name=inputs[0]["name"])
 
 
-def calibration(opts: ConvertOptions, spec: ExportSpec):
+def calibration(opts: ConvertOptions, spec: ExportSpec) -> CalibrationSet:
     """The calibration plan for ``--calib-data`` (loaded lazily, so a cached Q/DQ graph skips the images)."""
-    from ..quant.calib import calibration_set
-
     return calibration_set(opts.calib_data, spec.num_cams, spec.height, spec.width,
                            num_batches=opts.calib_batches, seed=opts.calib_seed)
 
@@ -167,9 +179,6 @@ def calibration(opts: ConvertOptions, spec: ExportSpec):
 def model_weight_bytes(model_name: str) -> int:
     """fp32 weight bytes of the model ``model_name`` resolves to, counted on the meta device (no allocation)."""
     import torch
-
-    from ..model.vggt import VGGT
-    from ..model.weights import config_for_model_name
 
     with torch.device("meta"):
         model = VGGT(config_for_model_name(model_name))
@@ -192,22 +201,15 @@ def calibration_providers(calib_cpu: bool) -> tuple[str, ...]:
 
 def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str, Any]:
     """Build the model (weights or seeded random), apply the quant mode, export to ``dst``."""
-    from ..graph.export import export_onnx
-    from ..model.weights import build_model
-
     model = build_model(opts.model_name, weights=opts.weights, random_init=opts.random_init, seed=opts.seed)
     random_weights = bool(opts.random_init or (opts.weights is None and model.cfg.name == "tiny"))
     report: dict[str, Any] = {"model": model.cfg.name, "random_weights": random_weights}
     quant: dict[str, Any] | None = None
     if opts.quant_mode != "none":
-        from ..quant.modes import apply_quant_mode
-
         calib = calibration(opts, spec) if opts.quant_mode == "modelopt-fp8" else None
         quant = apply_quant_mode(model, opts.quant_mode, calib)
     report.update(export_onnx(model, dst, spec))
     if quant is not None:
-        from ..quant.modes import finalize_quant_mode_graph
-
         report["quant_mode"] = finalize_quant_mode_graph(dst, quant)
     return report
 
@@ -218,10 +220,6 @@ def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
     A graph without sequence ops (what our exporter produces) is copied tensor by tensor and only
     its header is edited, so a 4.6 GB graph never has to sit in memory.
     """
-    from ..errors import GraphError
-    from ..graph.sequences import assert_no_sequence_ops, remove_sequence_ops, repair_opset
-    from ..graph.io import copy_onnx, load_onnx, node_count, save_onnx
-
     structure = load_onnx(src, load_external_data=False)
     try:
         assert_no_sequence_ops(structure)
@@ -236,8 +234,6 @@ def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
     copy_onnx(src, dst)
     header = repair_opset(load_onnx(dst, load_external_data=False), opset)
     with atomic_path(dst) as tmp:
-        import onnx
-
         onnx.save_model(header, str(tmp))
     logger.info("%s: no sequence ops; tensors copied, opset/IR header repaired", dst.name)
     return {"path": str(dst), "sequence_ops": "none found", "nodes_before": node_count(header),
@@ -245,14 +241,10 @@ def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
 
 
 def stage_simplify(src: Path, dst: Path, skip: bool) -> dict[str, Any]:
-    from ..graph.simplify import simplify
-
     return simplify(src, dst, skip=skip).to_dict()
 
 
 def stage_check(path: Path) -> dict[str, Any]:
-    from ..graph.simplify import check_model
-
     check_model(path)
     return {"path": str(path), "checker": "passed"}
 
@@ -264,10 +256,6 @@ def verification_feeds(spec: ExportSpec, seed: int = 7) -> dict[str, np.ndarray]
 
 def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: bool) -> dict[str, Any]:
     """fp16/bf16 strongly typed graph, checked against the fp32 graph with ONNX Runtime (or the reference evaluator)."""
-    from ..graph.ort import assert_accuracy, compare_onnx_ort
-    from ..graph.precision_cast import cast_precision
-    from ..graph.io import load_onnx, save_onnx
-
     model, summary = cast_precision(load_onnx(src), precision)
     save_onnx(model, dst, restore=False)
     del model
@@ -287,16 +275,12 @@ def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: b
 def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts: ConvertOptions,
                    verify: bool, random_weights: bool) -> dict[str, Any]:
     """Q/DQ graph (ModelOpt ONNX PTQ) calibrated on ``--calib-data``, with its accuracy table."""
-    from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
-
     calib = calibration(opts, spec)
     info = quantize_onnx(src, dst, precision, calib, input_name=spec.input_name, cache_dir=opts.output_dir,
                          calibration_eps=calibration_providers(opts.calib_cpu))
     report: dict[str, Any] = {"path": str(dst), "quantize": info, "qdq": qdq_summary(dst)}
     if verify:
         report["accuracy"] = accuracy_report(src, dst, spec, calib, random_weights=random_weights)
-        from ..accuracy import format_accuracy_table
-
         logger.info("accuracy of %s against fp32:\n%s", dst.name, format_accuracy_table(report["accuracy"]))
     else:
         report["accuracy"] = "skipped: graph too large for a CPU check (pass --verify to force)"
@@ -304,12 +288,9 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
 
 
 def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: ConvertOptions) -> dict[str, Any]:
-    from ..trt.build import build_engine
-    from ..errors import BuildError
-
     calibrator = _int8_calibrator(onnx_path, opts) if opts.int8_calibrator and precision == "int8" else None
     try:
-        result = build_engine(
+        result = trt_build.build_engine(
             onnx_path, engine_path, precision, backend=opts.backend, workspace_gb=opts.workspace_gb,
             opt_level=opts.opt_level, max_aux_streams=opts.max_aux_streams,
             timing_cache_path=opts.output_dir / "trt_timing.cache",
@@ -329,15 +310,7 @@ def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: Conver
     return report
 
 
-def graph_bytes(path: Path) -> int:
-    from ..graph.io import external_data_files
-
-    return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path) if f.is_file())
-
-
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("vggt-trt", "torch", "onnx", "onnxruntime", "onnxslim", "nvidia-modelopt", "tensorrt",
                 "tensorrt-rtx-cu13", "tensorrt_rtx"):
@@ -350,14 +323,10 @@ def versions() -> dict[str, str]:
 
 def peak_rss_gib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _child_init(log_file: str | None, level: int) -> None:
-    from ..logs import quiet_third_party
-
     quiet_third_party()
     root = logging.getLogger()
     root.setLevel(level)
@@ -382,7 +351,8 @@ def _log_file() -> str | None:
     return None
 
 
-def _timed(timings: dict[str, float], name: str, fn, *args, isolate: bool = False, **kwargs):
+def timed(timings: dict[str, float], name: str, fn: Callable[..., Any], *args: Any, isolate: bool = False,
+          **kwargs: Any) -> Any:
     """Run one stage, recording wall time and peak RSS; ``isolate`` runs it in a fresh process.
 
     Isolation is for graphs of several GB: each heavy stage then starts from an empty heap and
@@ -390,8 +360,6 @@ def _timed(timings: dict[str, float], name: str, fn, *args, isolate: bool = Fals
     """
     t0 = time.perf_counter()
     if isolate:
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         with ctx.Pool(1, initializer=_child_init, initargs=(_log_file(), logging.getLogger().level)) as pool:
             result, rss = pool.apply(_child_call, (fn, args, kwargs))
@@ -407,8 +375,6 @@ def _timed(timings: dict[str, float], name: str, fn, *args, isolate: bool = Fals
 
 def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
     """Run the whole pipeline; returns one build report per precision (also written as JSON)."""
-    from tqdm import tqdm
-
     opts.validate()
     preflight_build(opts)
     out = opts.output_dir
@@ -417,48 +383,63 @@ def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
     if opts.export:
         spec = ExportSpec(opts.num_cams, opts.height, opts.width, opts.pcd_only, opts.opset)
         raw = out / f"{spec.stem}.onnx"
-        shared["export"] = _timed(timings, "export", stage_export, opts, spec, raw,
-                                  isolate=model_weight_bytes(opts.model_name) > ISOLATE_BYTES)
+        shared["export"] = timed(timings, "export", stage_export, opts, spec, raw,
+                                 isolate=model_weight_bytes(opts.model_name) > ISOLATE_BYTES)
     else:
         spec = spec_from_onnx(Path(opts.onnx_in))
         raw = Path(opts.onnx_in)
         logger.info("stage export             skipped: using --onnx-in %s (%s)", raw, spec.stem)
         shared["export"] = {"skipped": f"--onnx-in {raw}"}
-    noseq, simp = out / f"{spec.stem}.NOSEQ.onnx", out / f"{spec.stem}.simp.onnx"
-    shared["remove_sequences"] = _timed(timings, "remove_sequences", stage_remove_sequences, raw, noseq, opts.opset)
+    final, large = clean_graph(raw, spec.stem, opts, timings, shared)
+    return convert_precisions(opts, spec, final, timings, shared, large)
+
+
+def clean_graph(raw: Path, stem: str, opts: ConvertOptions, timings: dict[str, float],
+                shared: dict[str, Any]) -> tuple[Path, bool]:
+    """Sequence removal, simplify, the quant-mode check (when the export applied one) and the onnx checker.
+
+    Fills ``shared`` with the stage reports; returns the graph the precision stages start from and
+    whether it is large enough for the heavy stages to run in their own processes.
+    """
+    out = opts.output_dir
+    noseq, simp = out / f"{stem}.NOSEQ.onnx", out / f"{stem}.simp.onnx"
+    shared["remove_sequences"] = timed(timings, "remove_sequences", stage_remove_sequences, raw, noseq, opts.opset)
     large = graph_bytes(noseq) > ISOLATE_BYTES
-    shared["simplify"] = _timed(timings, "simplify", stage_simplify, noseq, simp, opts.no_simplify, isolate=large)
+    shared["simplify"] = timed(timings, "simplify", stage_simplify, noseq, simp, opts.no_simplify, isolate=large)
     final = Path(shared["simplify"]["path"])
     if shared["export"].get("quant_mode"):
-        from ..quant.modes import finalize_quant_mode_graph
+        shared["quant_mode_check"] = timed(timings, "quant_mode_check", finalize_quant_mode_graph, final,
+                                           shared["export"]["quant_mode"], isolate=large)
+    shared["check"] = timed(timings, "check", stage_check, final)
+    return final, large
 
-        shared["quant_mode_check"] = _timed(timings, "quant_mode_check", finalize_quant_mode_graph, final,
-                                            shared["export"]["quant_mode"], isolate=large)
-    shared["check"] = _timed(timings, "check", stage_check, final)
+
+def convert_precisions(opts: ConvertOptions, spec: Any, final: Path, timings: dict[str, float],
+                       shared: dict[str, Any], large: bool, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One precision graph, engine and build report per ``opts.precisions``; ``extra`` goes into every report."""
     verify = opts.verify if opts.verify is not None else graph_bytes(final) <= VERIFY_MAX_BYTES
     reports = []
     for precision in tqdm(opts.precisions, desc="precisions", unit="precision", disable=len(opts.precisions) < 2):
-        report = _convert_precision(opts, spec, final, precision, verify, dict(timings), shared, large)
+        report = _convert_precision(opts, spec, final, precision, verify, dict(timings), shared, large, extra or {})
         reports.append(report)
     return reports
 
 
-def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, precision: str, verify: bool,
-                       timings: dict[str, float], shared: dict[str, Any], large: bool) -> dict[str, Any]:
-    from ..graph.io import io_summary, onnx_sha256
-
+def _convert_precision(opts: ConvertOptions, spec: Any, final: Path, precision: str, verify: bool,
+                       timings: dict[str, float], shared: dict[str, Any], large: bool,
+                       extra: dict[str, Any]) -> dict[str, Any]:
     out = opts.output_dir
-    report: dict[str, Any] = {"stem": spec.stem, "precision": precision, "quant_mode": opts.quant_mode,
+    report: dict[str, Any] = {"stem": spec.stem, **extra, "precision": precision, "quant_mode": opts.quant_mode,
                               "spec": spec.to_dict(), "versions": versions(), "stages": dict(shared)}
     graph = final
     legacy = _legacy_flags_path(opts.backend, precision)
     if precision in CAST_PRECISIONS and not legacy:
         graph = out / f"{spec.stem}_{precision}.onnx"
-        report["stages"]["precision_graph"] = _timed(timings, f"cast_{precision}", stage_cast, final, graph,
+        report["stages"]["precision_graph"] = timed(timings, f"cast_{precision}", stage_cast, final, graph,
                                                      precision, spec, verify, isolate=large)
     elif precision in QDQ_PRECISIONS and not (precision == "int8" and opts.int8_calibrator):
         graph = out / f"{spec.stem}_{precision}.onnx"
-        report["stages"]["precision_graph"] = _timed(timings, f"quantize_{precision}", stage_quantize, final, graph,
+        report["stages"]["precision_graph"] = timed(timings, f"quantize_{precision}", stage_quantize, final, graph,
                                                      precision, spec, opts, verify,
                                                      bool(shared["export"].get("random_weights")), isolate=large)
     else:
@@ -474,7 +455,7 @@ def _convert_precision(opts: ConvertOptions, spec: ExportSpec, final: Path, prec
         logger.info("stage build              skipped: --skip-build (final ONNX: %s)", graph)
         report["stages"]["build"] = {"skipped": "--skip-build"}
     else:
-        report["stages"]["build"] = _timed(timings, f"build_{precision}", stage_build, graph, engine, precision, opts,
+        report["stages"]["build"] = timed(timings, f"build_{precision}", stage_build, graph, engine, precision, opts,
                                            isolate=large)
         report["engine"] = {"path": str(engine), "bytes": engine.stat().st_size}
     if precision == "int8":
@@ -492,11 +473,8 @@ def _legacy_flags_path(backend: str, precision: str) -> bool:
     """True when TensorRT 10 (weakly typed + precision flags) will build fp16/bf16 from the fp32 graph."""
     if precision not in CAST_PRECISIONS:
         return False
-    from ..errors import MissingDependencyError
-    from ..trt.backend import import_tensorrt
-
     try:
-        _, info = import_tensorrt(backend)
+        _, info = trt_backend.import_tensorrt(backend)
     except MissingDependencyError:
         return False
     return bool(info.has_precision_flags)

@@ -31,7 +31,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError, WeightsError
+from ..graph.export import weight_bytes
+from ..graph.io import EXTERNAL_DATA_THRESHOLD, move_into_place
+from ..precisions import CAST_PRECISIONS
 from ..runtime.base import Runner, TensorMeta, torch_device
+from ..runtime.ort_runner import OrtRunner
+from ..runtime.trt_runner import TrtRunner
+from .convert import ConvertOptions, check_writable, clean_graph, convert_precisions, timed
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "predicted_depth"
-DEPTH_PRECISIONS = ("fp32", "fp16", "bf16")
+DEPTH_PRECISIONS = ("fp32",) + CAST_PRECISIONS
 
 # backbone (DINOv2) and DPT-neck sizes; "vits" matches Depth-Anything-V2-Small-hf
 PRESETS: dict[str, dict[str, Any]] = {
@@ -226,9 +232,6 @@ def export_depth_onnx(model: Any, out_path: str | os.PathLike, spec: DepthSpec) 
     """Export with the dynamo exporter into a temporary folder, then rename into place (data files first)."""
     import torch
 
-    from ..graph.export import EXTERNAL_DATA_THRESHOLD, weight_bytes
-    from ..graph.io import move_into_place
-
     class _Wrapper(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
             super().__init__()
@@ -262,53 +265,24 @@ def convert_depth_anything(spec: DepthSpec, out_dir: str | os.PathLike = "onnx_e
                            allow_download: bool = False, backend: str = "auto", skip_build: bool = False,
                            no_simplify: bool = False, verify: bool = True, workspace_gb: float = 8.0,
                            compute_capabilities: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Export, clean, cast and build Depth Anything with the VGGT conversion stages; one report per precision."""
-    from . import convert as cv
-    from ..atomic import write_json_atomic
-    from ..graph.io import io_summary, onnx_sha256
-
+    """Export Depth Anything, then run the VGGT conversion stages on it; one report per precision."""
     bad = [p for p in precisions if p not in DEPTH_PRECISIONS]
     if bad:
         raise InputError(f"Depth Anything precisions: {', '.join(DEPTH_PRECISIONS)}; not {bad} (Q/DQ precisions "
                          "need VGGT-style calibration batches)")
     out = Path(out_dir)
-    cv.check_writable(out)
+    check_writable(out)
+    opts = ConvertOptions(output_dir=out, opset=spec.opset, precisions=tuple(precisions), backend=backend,
+                          workspace_gb=workspace_gb, compute_capabilities=tuple(compute_capabilities),
+                          no_simplify=no_simplify, skip_build=skip_build, verify=verify)
     timings: dict[str, float] = {}
     model = build_depth_model(spec.model, random_init, seed, allow_download)
-    raw, noseq, simp = (out / f"{spec.stem}{s}.onnx" for s in ("", ".NOSEQ", ".simp"))
-    stages: dict[str, Any] = {"export": cv._timed(timings, "export", export_depth_onnx, model, raw, spec)}
+    raw = out / f"{spec.stem}.onnx"
+    shared: dict[str, Any] = {"export": timed(timings, "export", export_depth_onnx, model, raw, spec)}
+    shared["export"]["random_weights"] = bool(random_init or spec.model in PRESETS)
     del model
-    stages["remove_sequences"] = cv._timed(timings, "remove_sequences", cv.stage_remove_sequences, raw, noseq,
-                                           spec.opset)
-    stages["simplify"] = cv._timed(timings, "simplify", cv.stage_simplify, noseq, simp, no_simplify)
-    final = Path(stages["simplify"]["path"])
-    stages["check"] = cv._timed(timings, "check", cv.stage_check, final)
-    opts = cv.ConvertOptions(output_dir=out, backend=backend, workspace_gb=workspace_gb,
-                             compute_capabilities=tuple(compute_capabilities))
-    reports = []
-    for precision in precisions:
-        report: dict[str, Any] = {"stem": spec.stem, "model": "depth-anything", "precision": precision,
-                                  "spec": spec.to_dict(), "versions": cv.versions(), "stages": dict(stages),
-                                  "random_weights": bool(random_init or spec.model in PRESETS)}
-        graph = final
-        if precision in cv.CAST_PRECISIONS:
-            graph = out / f"{spec.stem}_{precision}.onnx"
-            report["stages"]["precision_graph"] = cv._timed(timings, f"cast_{precision}", cv.stage_cast, final,
-                                                            graph, precision, spec, verify)
-        else:
-            report["stages"]["precision_graph"] = {"skipped": "fp32 needs no precision graph"}
-        report["onnx"] = {"path": str(graph), "sha256": onnx_sha256(graph), "io": io_summary(graph)}
-        engine = out / f"{spec.stem}_{precision}.engine"
-        if skip_build:
-            report["stages"]["build"] = {"skipped": "--skip-build"}
-        else:
-            report["stages"]["build"] = cv._timed(timings, f"build_{precision}", cv.stage_build, graph, engine,
-                                                  precision, opts)
-            report["engine"] = {"path": str(engine), "bytes": engine.stat().st_size}
-        report["timings_s"] = dict(timings)
-        write_json_atomic(out / f"{spec.stem}_{precision}.json", report)
-        reports.append(report)
-    return reports
+    final, large = clean_graph(raw, spec.stem, opts, timings, shared)
+    return convert_precisions(opts, spec, final, timings, shared, large, extra={"model": "depth-anything"})
 
 
 # --------------------------------------------------------------------------- runners and the worker pool
@@ -397,9 +371,6 @@ def depth_runner_factory(model_name: str = DEFAULT_MODEL, depth_dir: str | os.Pa
                          precision: str = "fp32", random_init: bool = False, seed: int = 0,
                          allow_download: bool = False) -> Callable[[], Runner]:
     """A factory for the pool: engine/ONNX from ``depth_dir`` when given, else PyTorch (one shared model)."""
-    from ..runtime.ort_runner import OrtRunner
-    from ..runtime.trt_runner import TrtRunner
-
     if depth_dir is not None and backend != "torch":
         path = find_depth_model(depth_dir, height, width, backend)
         if path.suffix == ".onnx":

@@ -32,6 +32,7 @@ from ..atomic import write_json_atomic
 from ..errors import GraphError, InputError, MissingDependencyError
 from ..graph.io import (EXTERNAL_DATA_THRESHOLD, as_model, constant_tensors, consumers, external_data_files, load_onnx,
                         onnx_sha256, save_onnx)
+from ..precisions import QDQ_PRECISIONS
 from .calib import synthetic_images
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,10 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "default_exclusions", "find_input_convs", "find_output_layers",
+__all__ = ["default_exclusions", "find_input_convs", "find_output_layers",
            "qdq_summary", "quantize_onnx", "accuracy_report"]
 
-PRECISIONS = ("int8", "fp8", "int4")
 _METHODS = {"int8": ("max", "entropy"), "fp8": ("max", "entropy"), "int4": ("awq_clip", "rtn_dq")}
 _COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "Einsum"})
 _SHAPE_OPS = frozenset({"Shape", "Size"})
@@ -239,8 +239,8 @@ def quantize_onnx(
     """
     t0 = time.perf_counter()
     src, out = Path(fp32_onnx_path), Path(out_path)
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {PRECISIONS} for Q/DQ quantisation, found {precision!r}")
+    if precision not in QDQ_PRECISIONS:
+        raise InputError(f"precision must be one of {QDQ_PRECISIONS} for Q/DQ quantisation, found {precision!r}")
     method = method or _METHODS[precision][0]
     if method not in _METHODS[precision]:
         raise InputError(f"{precision} calibration method must be one of {_METHODS[precision]}, found {method!r}")

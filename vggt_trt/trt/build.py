@@ -32,10 +32,10 @@ from typing import Any, Sequence
 from . import backend as tb
 from ..atomic import write_bytes_atomic, write_json_atomic
 from ..errors import BuildError, InputError
+from ..precisions import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
 FP8_TARGETS = (89, 120)  # Ada and Blackwell: the RTX GPUs with FP8 (TensorRT-RTX support matrix)
 _UNSUPPORTED = {"fp8": {75, 80, 86}, "bf16": {75}, "int4": {75}}  # TensorRT-RTX support matrix: no FP8 before SM89, no BF16 on Turing
 _FALLBACK = {"fp8": "FP16/FP32", "int8": "FP16/FP32", "int4": "FP16/FP32", "fp16": "FP32", "bf16": "FP32"}
