@@ -15,7 +15,7 @@ from vggt_trt.graph import io as io
 from vggt_trt.trt import backend as tb
 from vggt_trt.errors import BuildError, InputError, MissingDependencyError
 
-from test_graph import export_toy  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
+from helpers import export_toy  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx not installed: pip install tensorrt-rtx-cu13")
 NO_GPU = tb.cuda_device_count()[0] == 0

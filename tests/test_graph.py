@@ -19,62 +19,7 @@ from vggt_trt.graph import simplify as simp
 from vggt_trt.graph import io as io
 from vggt_trt.errors import AccuracyError, GraphError, InputError
 
-IMAGES = np.random.default_rng(0).random((2, 3, 28, 35), dtype=np.float32)
-
-
-def make_toy_module():
-    """Conv patch embed, ConvTranspose, arange/sin/cos position embedding, LayerNorm, softmax attention, GELU MLP,
-    exp heads."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-
-    class Toy(nn.Module):
-        def __init__(self, dim: int = 32, heads: int = 2, patch: int = 7):
-            super().__init__()
-            self.heads = heads
-            self.embed = nn.Conv2d(3, dim, patch, patch)
-            self.up = nn.ConvTranspose2d(dim, dim, 2, 2)  # DPT-style upsampling
-            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-            self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-            self.head = nn.Linear(dim, 2)
-
-        @staticmethod
-        def pos(n: int, dim: int) -> torch.Tensor:
-            t = torch.arange(n).float()  # int64 Range + exporter Cast(to=FLOAT)
-            omega = 1.0 / (100.0 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim / 2)))  # float Range
-            out = t[:, None] * omega[None, :]
-            return torch.cat([out.sin(), out.cos()], dim=-1)
-
-        def forward(self, images: torch.Tensor):
-            x = self.embed(images)
-            x = x + self.up(x)[..., ::2, ::2]
-            s, d, hh, ww = x.shape
-            x = x.flatten(2).transpose(1, 2) + self.pos(hh * ww, d)
-            q, k, v = self.qkv(self.norm1(x)).reshape(s, hh * ww, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            a = ((q @ k.transpose(-1, -2)) * (d // self.heads) ** -0.5).softmax(-1)
-            y = (a @ v).transpose(1, 2).reshape(s, hh * ww, d)
-            x = x + self.proj(y) * (y > -1e4).float()  # data-path Cast(bool -> FLOAT) feeding a Mul
-            x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-            o = self.head(x)
-            return torch.exp(o[..., 0]), 1 + torch.exp(o[..., 1])
-
-    torch.manual_seed(0)
-    return Toy().eval()
-
-
-def export_toy(path: Path, dynamo: bool = True) -> Path:
-    """Export the toy without constant folding, so Range, Cast(to=FLOAT), Sin and Cos stay in the graph."""
-    import torch
-
-    kwargs = {"optimize": False} if dynamo else {"do_constant_folding": False}
-    with warnings.catch_warnings():  # the TorchScript exporter is used on purpose; its deprecation notes are noise
-        warnings.simplefilter("ignore")
-        torch.onnx.export(make_toy_module(), (torch.from_numpy(IMAGES),), str(path), dynamo=dynamo, opset_version=18,
-                          input_names=["images"], output_names=["depth", "conf"], verbose=False, **kwargs)
-    return path
-
+from helpers import IMAGES, export_toy, make_toy_module  # noqa: E402
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory) -> Path:

@@ -11,8 +11,7 @@ import pytest
 pytest.importorskip("cv2", reason="the live sources need OpenCV (requirements-live.txt)")
 pytest.importorskip("transformers", reason="Depth Anything needs transformers (requirements-live.txt)")
 
-from scripts import load_script  # noqa: E402
-from test_sources import ReplayCapture, _frames, make_videos, replay_factory  # noqa: E402
+from helpers import ReplayCapture, load_script, make_videos, replay_factory, replay_frames  # noqa: E402
 
 from vggt_trt.pipelines.live import LiveOptions, VoxelMap, fit_scale_shift, frames_to_input, run_live  # noqa: E402
 from vggt_trt.recon.pointcloud import read_ply  # noqa: E402
@@ -120,7 +119,7 @@ def test_webcams_with_replayed_captures_and_onnx_depth_workers(tmp_path: Path) -
 
     depth_dir = tmp_path / "depth_anything"
     convert_depth_anything(DepthSpec("tiny", 1, 42, 56), depth_dir, ["fp32"], skip_build=True)
-    caps = {"front": ReplayCapture(_frames(0), delay=0.005), "back": ReplayCapture(_frames(2), delay=0.005)}
+    caps = {"front": ReplayCapture(replay_frames(0), delay=0.005), "back": ReplayCapture(replay_frames(2), delay=0.005)}
     opts = LiveOptions(source="webcams", webcams=["front=0", "back=1"], out_dir=tmp_path / "out", model_name="tiny",
                        depth_engine_dir=depth_dir, depth_backend="onnx", depth_workers=1, max_batches=3)
     summary = run_live(opts, cameras=parse_webcams(opts.webcams), capture_factory=replay_factory(caps))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from scripts import load_script  # noqa: E402
+from helpers import export_tiny, load_script  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CAMS = ["cam001", "cam005", "cam012", "cam020", "cam024"]
 
@@ -185,7 +185,6 @@ def test_broken_image_is_reported_and_replaced(scene: Path, tmp_path: Path, caps
 
 
 def test_flat_folder_with_onnx_and_random_views(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from test_runtime import export_tiny
     from vggt_trt.recon.pointcloud import read_ply
 
     onnx_path = export_tiny(tmp_path_factory)

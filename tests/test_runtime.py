@@ -16,30 +16,11 @@ from vggt_trt.runtime.ort_runner import OrtRunner
 from vggt_trt.runtime.torch_runner import TorchRunner
 from vggt_trt.runtime.trt_runner import TrtRunner, check_engine_can_run
 
+from helpers import build_rtx_engine, export_tiny
+
 SHAPE = (2, 3, 56, 56)
 # ORT CPU vs PyTorch CPU, both fp32: measured rel L2 ~5e-7; the bound leaves room for other CPUs' kernels
 REL_L2_TOL = 1e-4
-
-
-def export_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Export the tiny pcd graph once per session (reused by every test module that asks)."""
-    path = tmp_path_factory.getbasetemp() / "tiny-onnx" / "vggt-2x3x56x56-pcd.onnx"
-    if not path.is_file():
-        from vggt_trt.graph.export import ExportSpec, export_onnx
-        from vggt_trt.model.weights import build_model
-
-        export_onnx(build_model("tiny"), path, ExportSpec(num_cams=2, height=56, width=56, pcd_only=True))
-    return path
-
-
-def build_rtx_engine(onnx_path: Path, engine_path: Path) -> Path:
-    """An fp32 engine built ahead of time by TensorRT-RTX on CPU; skips when tensorrt_rtx is missing."""
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed: no engine can be built here")
-    if not engine_path.is_file():
-        from vggt_trt.trt.build import build_engine
-
-        build_engine(onnx_path, engine_path, "fp32", backend="tensorrt-rtx", workspace_gb=1, opt_level=0)
-    return engine_path
 
 
 @pytest.fixture(scope="session")

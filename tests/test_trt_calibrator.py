@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_convert import TINY, needs_rtx  # noqa: E402
+from helpers import TINY, needs_rtx  # noqa: E402
 import vggt_to_trt
 from vggt_trt import atomic
 from vggt_trt.quant.calib import calibration_set
