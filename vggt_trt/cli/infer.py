@@ -12,8 +12,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..accuracy import compare_outputs
-from ..atomic import write_json_atomic
+from ..atomic import atomic_path, write_json_atomic
 from ..errors import InputError, VggtTrtError
+from ..recon.preprocess import list_images, load_and_preprocess_images, preprocess_to_shape, readable_images
 from ..runtime.base import Runner, TensorMeta, random_feeds
 from ..runtime.benchmark import benchmark
 from ..runtime.factory import make_runner
@@ -87,8 +88,6 @@ def load_feeds(runner: Runner, images: str | None = None, npy: str | None = None
             raise InputError(f"{npy}: expected images [S,3,H,W] (or [1,S,3,H,W]), found {list(arr.shape)}")
         return {meta.name: arr.astype(np.float32, copy=False)}, [f"{Path(npy).name}[{i}]" for i in range(arr.shape[0])]
     if images:
-        from ..recon.preprocess import list_images, load_and_preprocess_images, preprocess_to_shape, readable_images
-
         paths, bad = readable_images(list_images(images))
         want = s_fixed or num_cams or len(paths)
         if len(paths) < want:
@@ -108,8 +107,6 @@ def load_feeds(runner: Runner, images: str | None = None, npy: str | None = None
 
 
 def save_outputs(path: str | os.PathLike, outputs: dict[str, np.ndarray]) -> Path:
-    from ..atomic import atomic_path
-
     target = Path(path)
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as f:

@@ -29,10 +29,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..recon import geometry as geo
+from ..atomic import write_json_atomic
 from ..errors import InputError
-from .options import VggtModelOptions
+from ..recon import geometry as geo, rig
+from ..recon.pointcloud import colors_from_images, read_ply, write_cameras_json, write_ply
 from ..recon.voxel_map import VoxelMap
+from .options import VggtModelOptions
+from .sources import LockstepSource, make_cameras, select_cameras
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +109,6 @@ def load_calibration(path: Path | None) -> tuple[dict[str, CameraCalib], dict[st
 
 
 def save_calibration(path: Path, calibs: dict[str, CameraCalib], meta: dict[str, Any]) -> Path:
-    from ..atomic import write_json_atomic
-
     doc = {"format": CALIB_FORMAT, "model": "1 / depth = scale * depth_anything_disparity + shift", **meta,
            "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), "cameras": {n: asdict(c) for n, c in calibs.items()}}
     return write_json_atomic(path, doc)
@@ -223,8 +224,6 @@ class LiveSession:
                  depth_factory: Callable[[], Any] | None = None) -> None:
         opts.validate()
         self.o, self.factory = opts, capture_factory
-        from .sources import make_cameras, select_cameras
-
         cams = cameras if cameras is not None else make_cameras(opts.source, images=opts.images, videos=opts.videos,
                                                                 webcams=opts.webcams)
         self.cameras = select_cameras(cams, opts.num_cams, opts.views, opts.random_views, opts.seed)
@@ -237,8 +236,6 @@ class LiveSession:
 
     # -- VGGT reference depth, in the map frame
     def _vggt(self, names: list[str], images: np.ndarray, maps: list[tuple], batch: int) -> dict[str, Any] | None:
-        from ..recon import rig
-
         meta = self.vggt.input_metadata()[0]
         if meta.shape[0] is not None and meta.shape[0] != len(names):
             logger.info("batch %d: VGGT refresh skipped: the model takes %d views, %d cameras left", batch,
@@ -302,8 +299,6 @@ class LiveSession:
         """World points and colours of every calibrated camera, as torch tensors on the map's device."""
         import torch
 
-        from ..recon.pointcloud import colors_from_images
-
         s, dev = self.o.pixel_stride, self.map_device
         xyz_all, rgb_all = [], []
         colours = torch.from_numpy(colors_from_images(images)).to(dev)
@@ -338,9 +333,8 @@ class LiveSession:
     def run(self) -> dict[str, Any]:
         import contextlib
 
+        # lazy: Depth Anything pulls in the conversion pipeline (torch, onnx) that only the live loop needs
         from .depth_anything import DepthPool, depth_runner_factory
-        from ..recon.pointcloud import read_ply, write_ply
-        from .sources import LockstepSource
 
         o, st = self.o, self.st
         out = Path(o.out_dir)
@@ -416,9 +410,6 @@ class LiveSession:
 
     def _finish(self, source: Any, loop_s: float, batches_written: list[str], depth_info: Any,
                 vggt_info: Any) -> dict[str, Any]:
-        from ..atomic import write_json_atomic
-        from ..recon.pointcloud import write_cameras_json, write_ply
-
         o, st, out = self.o, self.st, Path(self.o.out_dir)
         if self.map is None:
             raise InputError(f"no batch was read: {source.stop_reason or 'the source delivered nothing'}; "

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from ..runtime.ort_runner import OrtRunner
+from ..runtime.torch_runner import TorchRunner
+from ..runtime.trt_runner import TrtRunner
 
 
 @dataclass(kw_only=True)
@@ -22,10 +25,6 @@ class VggtModelOptions:
     seed: int = 0
 
     def make_runner(self) -> Any:
-        from ..runtime.ort_runner import OrtRunner
-        from ..runtime.torch_runner import TorchRunner
-        from ..runtime.trt_runner import TrtRunner
-
         if self.backend == "engine":
             return TrtRunner(self.model_path, trt_backend=self.trt_backend)
         if self.backend == "onnx":

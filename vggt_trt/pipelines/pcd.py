@@ -19,8 +19,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..recon import rig
+from ..atomic import atomic_path, write_json_atomic
 from ..errors import InputError
+from ..recon import geometry as geo, pointcloud as pc, rig
+from ..recon.preprocess import load_and_preprocess_images, official_resize_hw, preprocess_to_shape, readable_images
+from ..runtime.torch_runner import TorchRunner
 from .options import VggtModelOptions
 
 logger = logging.getLogger(__name__)
@@ -87,8 +90,6 @@ class Timer:
 def select_views(scene: rig.Scene, opts: PcdOptions, needed: int | None) -> tuple[list[str], list[Path],
                                                                                   list[dict[str, str]]]:
     """Readable frame ``opts.frame`` of up to ``needed`` cameras; broken images are reported and replaced if allowed."""
-    from ..recon.preprocess import readable_images
-
     order, explicit = rig.candidate_views(scene, opts.views, opts.random_views, opts.seed)
     want = needed or (len(order) if explicit else min(opts.random_views or 8, len(order)))
     if explicit and len(order) != want:
@@ -128,8 +129,6 @@ def _source_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
 def preprocess(paths: Sequence[Path], mode: str, fixed_hw: tuple[int, int] | None, target_size: int
                ) -> tuple[np.ndarray, list[tuple[tuple[float, float], tuple[float, float]]]]:
     """Images ``[S,3,H,W]`` and, per image, the (scale, offset) mapping source to model pixels (edge coords)."""
-    from ..recon.preprocess import load_and_preprocess_images, official_resize_hw, preprocess_to_shape
-
     sizes = _source_sizes(paths)
     if fixed_hw and not (mode == "pad" and fixed_hw[0] == fixed_hw[1]):
         if mode == "pad":
@@ -171,11 +170,6 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
     ``opts`` and released at the end.
     """
     import contextlib
-
-    from ..recon import geometry as geo
-    from ..recon import pointcloud as pc
-    from ..atomic import atomic_path, write_json_atomic
-    from ..runtime.torch_runner import TorchRunner
 
     opts.validate()
     scene = rig.discover_scene(opts.images)
@@ -299,8 +293,6 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
 def _save_images(folder: Path, names: Sequence[str], images: np.ndarray) -> Path:
     """The preprocessed views as PNG: the images the cameras and COLMAP model describe."""
     from PIL import Image
-
-    from ..atomic import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     arr = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError
+from ..recon.rig import Scene, candidate_views, discover_scene
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +199,6 @@ def discover_videos(root: str | os.PathLike) -> list[CameraSpec]:
 
 def image_folder_cameras(root: str | os.PathLike) -> list[CameraSpec]:
     """PKU-style per-camera frame folders as cameras (frames in name order)."""
-    from ..recon.rig import discover_scene
-
     scene = discover_scene(root)
     if scene.layout != "pku":
         raise InputError(f"{root}: a live image source needs one sub-folder of frames per camera")
@@ -209,8 +208,6 @@ def image_folder_cameras(root: str | os.PathLike) -> list[CameraSpec]:
 def select_cameras(cams: Sequence[CameraSpec], num_cams: int | None = None, views: Sequence[str] | None = None,
                    random_views: int | None = None, seed: int = 0) -> list[CameraSpec]:
     """Apply ``--views`` / ``--random_views`` / ``--num_cams`` (the same rules as the images source)."""
-    from ..recon.rig import Scene, candidate_views
-
     by_name = {c.name: c for c in cams}
     order, explicit = candidate_views(Scene(Path("."), "live", {n: [] for n in by_name}), views, random_views, seed)
     want = num_cams or (len(order) if explicit else min(random_views or len(order), len(order)))

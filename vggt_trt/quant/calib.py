@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import InputError
+from ..recon.preprocess import list_images, preprocess_to_shape
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ class CalibrationSet:
             for b, rows in enumerate(self.plan):
                 out[b] = _to_unit_float(flat[rows], self.description)
             return out
-        from ..recon.preprocess import preprocess_to_shape
-
         unique = sorted({p for views in self.plan for p in views}, key=os.fspath)
         loaded: dict[Path, np.ndarray] = {}
         for path in tqdm(unique, desc="calibration images", unit="img", leave=False):
@@ -245,8 +244,6 @@ def _array_set(arr: np.ndarray, kind: str, where: str, rng: np.random.Generator,
 
 def _image_set(source: str | os.PathLike, rng: np.random.Generator, recursive: bool,
                common: dict[str, int]) -> CalibrationSet:
-    from ..recon.preprocess import list_images
-
     text = os.fspath(source)
     kind = "directory" if Path(text).expanduser().is_dir() else "glob"
     paths = list_images(text, recursive=recursive)  # InputError when missing or empty

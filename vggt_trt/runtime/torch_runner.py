@@ -29,6 +29,7 @@ class TorchRunner(Runner):
         self._ctx: Any = None
 
     def activate_impl(self) -> None:
+        # lazy: the model modules import torch, which a runner needs only once it is activated
         import torch
 
         from ..model.precision import apply_precision
