@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from vggt_trt.graph import simplify as simp
 from vggt_trt.graph import io as io
 from vggt_trt.errors import AccuracyError, GraphError, InputError
 
-from helpers import IMAGES, export_toy, make_toy_module  # noqa: E402
+from helpers import IMAGES, export_toy  # noqa: E402
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory) -> Path:

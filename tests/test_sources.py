@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from vggt_trt.errors import InputError, MissingDependencyError
 from vggt_trt.pipelines.sources import (CameraSpec, LockstepSource, discover_videos, image_folder_cameras, make_cameras,
                               parse_webcams, select_cameras)
 
-from helpers import H, W, ReplayCapture, camera_pose, make_videos, render, replay_factory, replay_frames, texture
+from helpers import H, W, ReplayCapture, make_videos, render, replay_factory, replay_frames, texture
 
 def test_parse_webcams_and_selection() -> None:
     cams = parse_webcams(["front=0", "back=1", "2", "door=rtsp://x/stream"])
