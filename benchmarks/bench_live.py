@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from vggt_trt.live import LiveOptions, run_live
-    from vggt_trt.runtime import TorchRunner
-    from vggt_trt.sources import CameraSpec
+    from vggt_trt.pipelines.live import LiveOptions, run_live
+    from vggt_trt.runtime.torch_runner import TorchRunner
+    from vggt_trt.pipelines.sources import CameraSpec
 
     cams = [CameraSpec(f"cam{i:02d}", i, live=False) for i in range(args.num_cams)]
     frames = {c.name: render_frames(i, 4, args.size) for i, c in enumerate(cams)}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Images-to-PLY throughput of the point-cloud pipeline with the PyTorch backend, split by stage.
 
-Runs ``vggt_trt.pcd.run_pcd`` repeatedly with one loaded model and reports the median time of each stage
+Runs ``vggt_trt.pipelines.pcd.run_pcd`` repeatedly with one loaded model and reports the median time of each stage
 (select, preprocess, inference, decode, unproject, colour, filter, voxel, write) and of the whole run.
 Needs only torch, numpy, pillow and plyfile (plus this repository on PYTHONPATH):
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from vggt_trt.model.config import get_preset
-    from vggt_trt.pcd import PcdOptions, run_pcd
-    from vggt_trt.runtime import TorchRunner
+    from vggt_trt.pipelines.pcd import PcdOptions, run_pcd
+    from vggt_trt.runtime.torch_runner import TorchRunner
 
     size = args.size or get_preset(args.model_name).img_size
     runner = TorchRunner(model_name=args.model_name, weights=args.weights, precision=args.precision,

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vggt_trt.compare import tensor_errors
+from vggt_trt.accuracy import tensor_errors
 from vggt_trt.model.precision import apply_precision
 from vggt_trt.model.vggt import FULL_OUTPUTS, PCD_OUTPUTS
 from vggt_trt.model.weights import build_model

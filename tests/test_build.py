@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from vggt_trt import build as B
-from vggt_trt import graph as G
-from vggt_trt import onnx_io as io
-from vggt_trt import trt_backend as tb
+from vggt_trt.trt import build as B
+from vggt_trt.graph import precision_cast as pc
+from vggt_trt.graph import io as io
+from vggt_trt.trt import backend as tb
 from vggt_trt.errors import BuildError, InputError, MissingDependencyError
 
-from test_graph import export_toy  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
+from helpers import export_toy  # noqa: E402  (tests/ is on sys.path under pytest's default import mode)
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx not installed: pip install tensorrt-rtx-cu13")
 NO_GPU = tb.cuda_device_count()[0] == 0
@@ -27,7 +27,7 @@ def graphs(tmp_path_factory) -> dict[str, Path]:
     fp32 = export_toy(d / "toy.onnx")
     out = {"fp32": fp32}
     for prec in ("fp16", "bf16"):
-        cast, _ = G.cast_precision(io.load_onnx(fp32), prec)
+        cast, _ = pc.cast_precision(io.load_onnx(fp32), prec)
         out[prec] = io.save_onnx(cast, d / f"toy_{prec}.onnx")
     return out
 

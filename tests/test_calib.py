@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vggt_trt.calib import PREPROCESS_VERSION, calibration_set, load_calibration_batches, synthetic_images
+from vggt_trt.quant.calib import PREPROCESS_VERSION, calibration_set, load_calibration_batches, synthetic_images
 from vggt_trt.errors import InputError
 
 H, W = 42, 56
@@ -52,7 +52,7 @@ def test_directory_batches_come_from_one_scene(scenes):
 
 
 def test_images_go_through_inference_preprocessing(scenes):
-    from vggt_trt.preprocess import preprocess_to_shape
+    from vggt_trt.recon.preprocess import preprocess_to_shape
 
     cs = calibration_set(scenes, 2, H, W, num_batches=2, seed=1)
     for batch, views in zip(cs.load(), cs.plan):
@@ -97,7 +97,7 @@ def test_uint8_arrays_are_scaled(tmp_path):
 
 
 def test_synthetic_warns_loudly(caplog):
-    with caplog.at_level(logging.WARNING, logger="vggt_trt.calib"):
+    with caplog.at_level(logging.WARNING, logger="vggt_trt.quant.calib"):
         cs = calibration_set(None, 2, H, W, num_batches=3, seed=0)
     assert "ACCURACY WILL SUFFER" in caplog.text
     b = cs.load()

@@ -10,21 +10,9 @@ import onnx
 import pytest
 
 import vggt_to_trt
-from vggt_trt.graph import assert_no_sequence_ops
+from vggt_trt.graph.sequences import assert_no_sequence_ops
 
-TINY = ["--model-name", "tiny", "--num-cams", "2", "--height", "56", "--width", "70"]
-
-
-def _have_rtx() -> bool:
-    try:
-        import tensorrt_rtx  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_rtx = pytest.mark.skipif(not _have_rtx(), reason="tensorrt_rtx (pip install tensorrt-rtx-cu13) is not installed")
-
+from helpers import TINY, needs_rtx
 
 def run(args: list[str], tmp_path: Path) -> int:
     return vggt_to_trt.main(args + ["--log-dir", str(tmp_path / "logs")])

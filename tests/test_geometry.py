@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vggt_trt import geometry as g
+from vggt_trt.recon import geometry as g
 from vggt_trt.errors import InputError
 
 # Tolerances against the float32 reference (measured: extrinsic exact, intrinsic 3.8e-6 max abs
@@ -272,7 +272,7 @@ def test_umeyama_noise_reflection_and_degenerate(caplog):
     assert res.scale == pytest.approx(best_scale, rel=1e-12)
     np.testing.assert_allclose(res.t, mirrored.mean(0) - best_scale * res.R @ src.mean(0), atol=1e-12)
     line = np.outer(np.arange(4.0), [1.0, 2.0, 3.0])
-    with caplog.at_level(logging.WARNING, logger="vggt_trt.geometry"):
+    with caplog.at_level(logging.WARNING, logger="vggt_trt.recon.geometry"):
         res = g.umeyama_similarity(line, 2 * line + 1)
     assert "collinear" in caplog.text and res.scale == pytest.approx(2.0) and res.rms < 1e-9
     with pytest.raises(InputError, match="at least 2"):

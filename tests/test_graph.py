@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,66 +11,14 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 
-from vggt_trt import graph as G
-from vggt_trt import onnx_io as io
+from vggt_trt.graph import ort
+from vggt_trt.graph import precision_cast as pc
+from vggt_trt.graph import sequences as seq
+from vggt_trt.graph import simplify as simp
+from vggt_trt.graph import io as io
 from vggt_trt.errors import AccuracyError, GraphError, InputError
 
-IMAGES = np.random.default_rng(0).random((2, 3, 28, 35), dtype=np.float32)
-
-
-def make_toy_module():
-    """Conv patch embed, ConvTranspose, arange/sin/cos position embedding, LayerNorm, softmax attention, GELU MLP,
-    exp heads."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
-
-    class Toy(nn.Module):
-        def __init__(self, dim: int = 32, heads: int = 2, patch: int = 7):
-            super().__init__()
-            self.heads = heads
-            self.embed = nn.Conv2d(3, dim, patch, patch)
-            self.up = nn.ConvTranspose2d(dim, dim, 2, 2)  # DPT-style upsampling
-            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-            self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
-            self.head = nn.Linear(dim, 2)
-
-        @staticmethod
-        def pos(n: int, dim: int) -> torch.Tensor:
-            t = torch.arange(n).float()  # int64 Range + exporter Cast(to=FLOAT)
-            omega = 1.0 / (100.0 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim / 2)))  # float Range
-            out = t[:, None] * omega[None, :]
-            return torch.cat([out.sin(), out.cos()], dim=-1)
-
-        def forward(self, images: torch.Tensor):
-            x = self.embed(images)
-            x = x + self.up(x)[..., ::2, ::2]
-            s, d, hh, ww = x.shape
-            x = x.flatten(2).transpose(1, 2) + self.pos(hh * ww, d)
-            q, k, v = self.qkv(self.norm1(x)).reshape(s, hh * ww, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-            a = ((q @ k.transpose(-1, -2)) * (d // self.heads) ** -0.5).softmax(-1)
-            y = (a @ v).transpose(1, 2).reshape(s, hh * ww, d)
-            x = x + self.proj(y) * (y > -1e4).float()  # data-path Cast(bool -> FLOAT) feeding a Mul
-            x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-            o = self.head(x)
-            return torch.exp(o[..., 0]), 1 + torch.exp(o[..., 1])
-
-    torch.manual_seed(0)
-    return Toy().eval()
-
-
-def export_toy(path: Path, dynamo: bool = True) -> Path:
-    """Export the toy without constant folding, so Range, Cast(to=FLOAT), Sin and Cos stay in the graph."""
-    import torch
-
-    kwargs = {"optimize": False} if dynamo else {"do_constant_folding": False}
-    with warnings.catch_warnings():  # the TorchScript exporter is used on purpose; its deprecation notes are noise
-        warnings.simplefilter("ignore")
-        torch.onnx.export(make_toy_module(), (torch.from_numpy(IMAGES),), str(path), dynamo=dynamo, opset_version=18,
-                          input_names=["images"], output_names=["depth", "conf"], verbose=False, **kwargs)
-    return path
-
+from helpers import IMAGES, export_toy  # noqa: E402
 
 @pytest.fixture(scope="session")
 def toy_dir(tmp_path_factory) -> Path:
@@ -141,8 +88,8 @@ def test_save_onnx_external_data_is_atomic_and_model_stays_usable(toy_onnx, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # no temp folder left
     for t in model.graph.initializer:  # the saver moved bytes out; save_onnx read them back
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(t), before[t.name])
-    np.testing.assert_array_equal(G.run_onnx(out, {"images": IMAGES})["depth"],
-                                  G.run_onnx(toy_onnx, {"images": IMAGES})["depth"])
+    np.testing.assert_array_equal(ort.run_onnx(out, {"images": IMAGES})["depth"],
+                                  ort.run_onnx(toy_onnx, {"images": IMAGES})["depth"])
     digest = io.onnx_sha256(out)
     data = tmp_path / "m.onnx.data"
     blob = bytearray(data.read_bytes())
@@ -151,8 +98,8 @@ def test_save_onnx_external_data_is_atomic_and_model_stays_usable(toy_onnx, tmp_
     assert io.onnx_sha256(out) != digest  # the hash covers the external data
     io.save_onnx(model, out, external_data=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # stale data file removed
-    np.testing.assert_array_equal(G.run_onnx(out, {"images": IMAGES})["conf"],
-                                  G.run_onnx(toy_onnx, {"images": IMAGES})["conf"])
+    np.testing.assert_array_equal(ort.run_onnx(out, {"images": IMAGES})["conf"],
+                                  ort.run_onnx(toy_onnx, {"images": IMAGES})["conf"])
 
 
 def test_save_onnx_chooses_external_data_above_threshold(toy_onnx, tmp_path, monkeypatch):
@@ -165,7 +112,7 @@ def test_copy_onnx_streams_external_data(toy_onnx, tmp_path):
     src = io.save_onnx(io.load_onnx(toy_onnx), tmp_path / "a" / "src.onnx", external_data=True)
     dst = io.copy_onnx(src, tmp_path / "b" / "dst.onnx")
     assert [p.name for p in io.external_data_files(dst)] == ["dst.onnx.data"]
-    a, b = G.run_onnx(src, {"images": IMAGES}), G.run_onnx(dst, {"images": IMAGES})
+    a, b = ort.run_onnx(src, {"images": IMAGES}), ort.run_onnx(dst, {"images": IMAGES})
     np.testing.assert_array_equal(a["conf"], b["conf"])
 
 
@@ -187,10 +134,10 @@ def test_remove_sequence_ops_gives_identical_results():
     model = make_sequence_model()
     x = np.random.default_rng(1).random((2, 6, 4), dtype=np.float32)
     ref = _ort(model, {"x": x})
-    out = G.remove_sequence_ops(model)
-    G.assert_no_sequence_ops(out)
+    out = seq.remove_sequence_ops(model)
+    seq.assert_no_sequence_ops(out)
     onnx.checker.check_model(out)
-    assert not set(io.op_histogram(out)) & G.SEQUENCE_OPS
+    assert not set(io.op_histogram(out)) & seq.SEQUENCE_OPS
     for a, b in zip(ref, _ort(out, {"x": x})):
         np.testing.assert_array_equal(a, b)
 
@@ -201,17 +148,17 @@ def test_remove_sequence_ops_names_the_node_it_cannot_rewrite():
     at.input[1] = "p_in"  # position now comes from a graph input: not a constant
     model.graph.input.append(h.make_tensor_value_info("p_in", T.INT64, []))
     with pytest.raises(GraphError, match="at_last"):
-        G.remove_sequence_ops(model)
+        seq.remove_sequence_ops(model)
 
 
 def test_assert_no_sequence_ops_lists_nodes():
     with pytest.raises(GraphError, match=r"s2s \(SplitToSequence\)"):
-        G.assert_no_sequence_ops(make_sequence_model())
+        seq.assert_no_sequence_ops(make_sequence_model())
 
 
 def test_remove_sequence_ops_leaves_plain_graphs_alone(toy_onnx):
     model = io.load_onnx(toy_onnx)
-    assert G.remove_sequence_ops(model) is model
+    assert seq.remove_sequence_ops(model) is model
 
 
 # ------------------------------------------------------------------------------------ opset, simplify, check
@@ -219,28 +166,28 @@ def test_repair_opset_adds_missing_opset_and_fixes_ir(toy_onnx):
     model = io.load_onnx(toy_onnx)
     del model.opset_import[:]
     model.ir_version = 0
-    G.repair_opset(model, 18)
+    seq.repair_opset(model, 18)
     assert [(o.domain, o.version) for o in model.opset_import] == [("", 18)]
     assert model.ir_version == 8  # the minimum for opset 18
     onnx.checker.check_model(model)
     model.ir_version = onnx.IR_VERSION  # onnx's default, which ONNX Runtime 1.31 refuses
-    assert G.repair_opset(model, 18).ir_version == 10
+    assert seq.repair_opset(model, 18).ir_version == 10
     _ort(model, {"images": IMAGES})
 
 
 def test_simplify_modes_skip_and_fallback(toy_onnx, tmp_path, monkeypatch):
     feeds = {"images": IMAGES}
-    ref = G.run_onnx(toy_onnx, feeds)
-    res = G.simplify(toy_onnx, tmp_path / "a.simp.onnx")
+    ref = ort.run_onnx(toy_onnx, feeds)
+    res = simp.simplify(toy_onnx, tmp_path / "a.simp.onnx")
     assert res.status == "simplified" and res.nodes_after < res.nodes_before
     assert res.options == {"skip_fusion_patterns": ["FusionGemm"]}
-    big = G.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
+    big = simp.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
     assert big.options == {"no_shape_infer": True, "skip_optimizations": ["constant_folding"],
                            "skip_fusion_patterns": ["FusionGemm"]}
     assert (tmp_path / "b.simp.onnx.data").is_file()
     for r in (res, big):
-        np.testing.assert_allclose(G.run_onnx(r.path, feeds)["depth"], ref["depth"], rtol=1e-5, atol=1e-6)
-    skipped = G.simplify(toy_onnx, tmp_path / "c.simp.onnx", skip=True)
+        np.testing.assert_allclose(ort.run_onnx(r.path, feeds)["depth"], ref["depth"], rtol=1e-5, atol=1e-6)
+    skipped = simp.simplify(toy_onnx, tmp_path / "c.simp.onnx", skip=True)
     assert skipped.status == "skipped" and skipped.path == str(toy_onnx) and not (tmp_path / "c.simp.onnx").exists()
 
     import onnxslim
@@ -249,21 +196,21 @@ def test_simplify_modes_skip_and_fallback(toy_onnx, tmp_path, monkeypatch):
         raise MemoryError("simulated out of memory")
 
     monkeypatch.setattr(onnxslim, "slim", boom)
-    failed = G.simplify(toy_onnx, tmp_path / "d.simp.onnx")
+    failed = simp.simplify(toy_onnx, tmp_path / "d.simp.onnx")
     assert failed.status == "failed" and "MemoryError" in failed.reason
-    np.testing.assert_array_equal(G.run_onnx(failed.path, feeds)["depth"], ref["depth"])
+    np.testing.assert_array_equal(ort.run_onnx(failed.path, feeds)["depth"], ref["depth"])
     json.dumps(failed.to_dict())
 
 
 def test_check_model(toy_onnx, tmp_path):
-    G.check_model(toy_onnx)
+    simp.check_model(toy_onnx)
     model = io.load_onnx(toy_onnx)
     model.graph.node[-1].input[0] = "no_such_tensor"
     io.save_onnx(model, tmp_path / "broken.onnx")
     with pytest.raises(GraphError, match="no_such_tensor"):
-        G.check_model(tmp_path / "broken.onnx")
+        simp.check_model(tmp_path / "broken.onnx")
     with pytest.raises(InputError):
-        G.check_model(tmp_path / "missing.onnx")
+        simp.check_model(tmp_path / "missing.onnx")
 
 
 # ---------------------------------------------------------------------------------------- precision cast
@@ -278,9 +225,9 @@ def _typed(model: onnx.ModelProto) -> tuple[dict[str, int], list[onnx.NodeProto]
 @pytest.mark.parametrize("exporter", ["toy.onnx", "toy_ts.onnx"])
 def test_cast_fp16_keeps_sensitive_ops_fp32_and_is_accurate(toy_dir, tmp_path, exporter):
     src = toy_dir / exporter
-    cast, summary = G.cast_precision(io.load_onnx(src), "fp16")
+    cast, summary = pc.cast_precision(io.load_onnx(src), "fp16")
     out = io.save_onnx(cast, tmp_path / "fp16.onnx")
-    G.check_model(out)
+    simp.check_model(out)
     types, nodes = _typed(cast)
     low = T.FLOAT16
     for node in nodes:
@@ -298,20 +245,20 @@ def test_cast_fp16_keeps_sensitive_ops_fp32_and_is_accurate(toy_dir, tmp_path, e
     if exporter == "toy.onnx":
         assert summary["fp32_by_reason"].get("range", 0) >= 1
         assert summary["casts_rewritten"] >= 1  # the data-path Cast(to=FLOAT) now casts straight to fp16
-    results = G.compare_onnx_ort(src, out, {"images": IMAGES})
-    G.assert_accuracy(results, max_rel_l2=2e-3)
+    results = ort.compare_onnx_ort(src, out, {"images": IMAGES})
+    ort.assert_accuracy(results, max_rel_l2=2e-3)
     assert json.loads(json.dumps(results))["depth"]["shape"] == [2, 20]
 
 
 def test_cast_bf16_with_reference_runner(toy_onnx, tmp_path):
-    cast, summary = G.cast_precision(io.load_onnx(toy_onnx), "bf16")
+    cast, summary = pc.cast_precision(io.load_onnx(toy_onnx), "bf16")
     out = io.save_onnx(cast, tmp_path / "bf16.onnx")
     types, nodes = _typed(cast)
     assert any(types.get(n.input[0]) == T.BFLOAT16 for n in nodes if n.op_type == "MatMul")
     assert all(types.get(n.input[0]) == T.FLOAT for n in nodes if n.op_type == "ConvTranspose")
     assert summary["fp32_by_reason"]["no-bf16-kernel"] == 1
-    results = G.compare_onnx_ort(toy_onnx, out, {"images": IMAGES}, backend="reference")
-    G.assert_accuracy(results, max_rel_l2=2e-2)
+    results = ort.compare_onnx_ort(toy_onnx, out, {"images": IMAGES}, backend="reference")
+    ort.assert_accuracy(results, max_rel_l2=2e-2)
     assert results["depth"]["rel_l2"] > 1e-5  # it really ran in bf16
 
 
@@ -322,32 +269,32 @@ def test_cast_keep_nodes_and_fp16_clipping():
     graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [1, 2])],
                          [h.make_tensor_value_info("z", T.FLOAT, [1, 2])], [w, b])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)], ir_version=8)
-    cast, summary = G.cast_precision(model, "fp16")
+    cast, summary = pc.cast_precision(model, "fp16")
     assert summary["values_clipped"] == 4
-    kept, summary = G.cast_precision(model, "fp16", keep_nodes=["mm"])
+    kept, summary = pc.cast_precision(model, "fp16", keep_nodes=["mm"])
     assert summary["fp32_by_reason"] == {"user": 1} and summary["values_clipped"] == 0
     with pytest.raises(InputError, match="int4"):
-        G.cast_precision(model, "int4")
+        pc.cast_precision(model, "int4")
 
 
 def test_assert_accuracy_lists_every_output_over_tolerance(toy_onnx, tmp_path):
-    cast, _ = G.cast_precision(io.load_onnx(toy_onnx), "fp16")
+    cast, _ = pc.cast_precision(io.load_onnx(toy_onnx), "fp16")
     out = io.save_onnx(cast, tmp_path / "fp16.onnx")
-    results = G.compare_onnx_ort(toy_onnx, out, {"images": IMAGES})
+    results = ort.compare_onnx_ort(toy_onnx, out, {"images": IMAGES})
     with pytest.raises(AccuracyError, match=r"2 of 2 outputs.*depth.*conf"):
-        G.assert_accuracy(results, max_rel_l2=1e-9)
-    G.assert_accuracy(results, max_rel_l2=1e-9, per_output={"depth": 1.0, "conf": 1.0})
+        ort.assert_accuracy(results, max_rel_l2=1e-9)
+    ort.assert_accuracy(results, max_rel_l2=1e-9, per_output={"depth": 1.0, "conf": 1.0})
     with pytest.raises(InputError, match="takes inputs"):
-        G.run_onnx(toy_onnx, {"wrong_name": IMAGES})
+        ort.run_onnx(toy_onnx, {"wrong_name": IMAGES})
     with pytest.raises(GraphError, match="ONNX Runtime cannot run"):
-        G.run_onnx(toy_onnx, {"images": IMAGES[:, :2]})
+        ort.run_onnx(toy_onnx, {"images": IMAGES[:, :2]})
 
 
 def test_simplify_keeps_matmul_and_skips_when_memory_is_short(toy_onnx, tmp_path, monkeypatch):
-    res = G.simplify(toy_onnx, tmp_path / "a.simp.onnx")
+    res = simp.simplify(toy_onnx, tmp_path / "a.simp.onnx")
     ops = [n.op_type for n in onnx.load(res.path).graph.node]
     assert "Gemm" not in ops and "MatMul" in ops
-    monkeypatch.setattr(G, "_available_memory", lambda: 1024)
-    short = G.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
+    monkeypatch.setattr(simp, "_available_memory", lambda: 1024)
+    short = simp.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
     assert short.status == "skipped" and "available" in short.reason
     assert (tmp_path / "b.simp.onnx").is_file()

@@ -11,11 +11,10 @@ import pytest
 pytest.importorskip("cv2", reason="the live sources need OpenCV (requirements-live.txt)")
 pytest.importorskip("transformers", reason="Depth Anything needs transformers (requirements-live.txt)")
 
-from scripts import load_script  # noqa: E402
-from test_sources import ReplayCapture, _frames, make_videos, replay_factory  # noqa: E402
+from helpers import ReplayCapture, load_script, make_videos, replay_factory, replay_frames  # noqa: E402
 
-from vggt_trt.live import LiveOptions, VoxelMap, fit_scale_shift, frames_to_input, run_live  # noqa: E402
-from vggt_trt.pointcloud import read_ply  # noqa: E402
+from vggt_trt.pipelines.live import LiveOptions, VoxelMap, fit_scale_shift, frames_to_input, run_live  # noqa: E402
+from vggt_trt.recon.pointcloud import read_ply  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,12 +114,12 @@ def test_camera_ending_early_stops_cleanly_when_all_needed(videos: Path, tmp_pat
 
 
 def test_webcams_with_replayed_captures_and_onnx_depth_workers(tmp_path: Path) -> None:
-    from vggt_trt.depth_anything import DepthSpec, convert_depth_anything
-    from vggt_trt.sources import parse_webcams
+    from vggt_trt.pipelines.depth_anything import DepthSpec, convert_depth_anything
+    from vggt_trt.pipelines.sources import parse_webcams
 
     depth_dir = tmp_path / "depth_anything"
     convert_depth_anything(DepthSpec("tiny", 1, 42, 56), depth_dir, ["fp32"], skip_build=True)
-    caps = {"front": ReplayCapture(_frames(0), delay=0.005), "back": ReplayCapture(_frames(2), delay=0.005)}
+    caps = {"front": ReplayCapture(replay_frames(0), delay=0.005), "back": ReplayCapture(replay_frames(2), delay=0.005)}
     opts = LiveOptions(source="webcams", webcams=["front=0", "back=1"], out_dir=tmp_path / "out", model_name="tiny",
                        depth_engine_dir=depth_dir, depth_backend="onnx", depth_workers=1, max_batches=3)
     summary = run_live(opts, cameras=parse_webcams(opts.webcams), capture_factory=replay_factory(caps))

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from vggt_trt import metrics as m
+from vggt_trt import accuracy as m
 from vggt_trt.errors import InputError
-from vggt_trt.geometry import extri_intri_to_pose_encoding
+from vggt_trt.recon.geometry import extri_intri_to_pose_encoding
 
 S, H, W = 3, 14, 28
 

@@ -34,7 +34,7 @@ def test_check_fixture_cli_fails_on_perturbed_fixture(fixtures_dir, tmp_path):
     """A fixture whose expected output is off must make the checker exit non-zero."""
     from safetensors.numpy import load_file, save_file
 
-    from vggt_trt.model.check_fixture import main
+    from vggt_trt.cli.check_fixture import main
 
     tensors = load_file(str(fixtures_dir / "vggt-tiny-a.safetensors"))
     tensors["outputs.depth"] = tensors["outputs.depth"] * 1.01

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from scripts import load_script  # noqa: E402
+from helpers import export_tiny, load_script  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CAMS = ["cam001", "cam005", "cam012", "cam020", "cam024"]
 
@@ -46,7 +46,7 @@ def _run(args: list[str]) -> int:
 
 
 def test_pku_scene_to_point_cloud(scene: Path, tmp_path: Path) -> None:
-    from vggt_trt.pointcloud import read_cameras_json, read_ply
+    from vggt_trt.recon.pointcloud import read_cameras_json, read_ply
 
     out = tmp_path / "out"
     rc = _run(["--source", "images", "--images", str(scene), "--views", "cam001,cam005,cam012,cam020",
@@ -99,7 +99,7 @@ def test_alignment_to_known_poses(scene: Path, tmp_path: Path) -> None:
     al = summary["alignment"]
     assert al["residual_rms"] < 1e-4 and al["scale"] == pytest.approx(2.5, rel=1e-4)
     assert set(al["residual_per_camera"]) == set(CAMS[:4])
-    from vggt_trt.pointcloud import read_cameras_json
+    from vggt_trt.recon.pointcloud import read_cameras_json
 
     aligned = json.loads((tmp_path / "b" / "cameras.json").read_text())["cameras"]
     for cam in aligned:  # cameras are now in the rig frame
@@ -185,8 +185,7 @@ def test_broken_image_is_reported_and_replaced(scene: Path, tmp_path: Path, caps
 
 
 def test_flat_folder_with_onnx_and_random_views(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from test_runtime import export_tiny
-    from vggt_trt.pointcloud import read_ply
+    from vggt_trt.recon.pointcloud import read_ply
 
     onnx_path = export_tiny(tmp_path_factory)
     flat = tmp_path / "flat"
@@ -207,7 +206,7 @@ def test_flat_folder_with_onnx_and_random_views(tmp_path: Path, tmp_path_factory
 def test_engine_backend_without_gpu_writes_nothing(scene: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed")
-    from vggt_trt.trt_backend import cuda_device_count
+    from vggt_trt.trt.backend import cuda_device_count
 
     if cuda_device_count()[0]:
         pytest.skip("a GPU is present: the no-GPU error path does not apply")
@@ -219,7 +218,7 @@ def test_engine_backend_without_gpu_writes_nothing(scene: Path, tmp_path: Path,
 
 
 def test_colmap_points_are_capped_but_ply_keeps_all(scene: Path, tmp_path: Path) -> None:
-    from vggt_trt.pointcloud import read_ply
+    from vggt_trt.recon.pointcloud import read_ply
 
     out = tmp_path / "out"
     assert _run(["--images", str(scene), "--torch", "--model-name", "tiny", "--num-cams", "4",

@@ -7,9 +7,9 @@ import pytest
 import torch
 from plyfile import PlyData
 
-from vggt_trt import geometry as g
+from vggt_trt.recon import geometry as g
 from vggt_trt.errors import InputError
-from vggt_trt.pointcloud import (
+from vggt_trt.recon.pointcloud import (
     colors_from_images,
     filter_points,
     read_cameras_json,
@@ -148,7 +148,7 @@ def test_cameras_json_roundtrip(tmp_path, cameras):
 
 
 def hamilton_wxyz_to_matrix(w, x, y, z):
-    """Textbook unit-quaternion rotation matrix (independent of vggt_trt.geometry)."""
+    """Textbook unit-quaternion rotation matrix (independent of vggt_trt.recon.geometry)."""
     n = np.sqrt(w * w + x * x + y * y + z * z)
     w, x, y, z = w / n, x / n, y / n, z / n
     return np.array([

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vggt_trt.errors import InputError
-from vggt_trt.preprocess import (
+from vggt_trt.recon.preprocess import (
     list_images,
     load_and_preprocess_images,
     official_resize_hw,
@@ -130,7 +130,7 @@ def test_crop_and_pad_shapes(scene):
 
 def test_mixed_shapes_pad_white_with_warning(scene, caplog):
     _, p = scene
-    with caplog.at_level(logging.WARNING, logger="vggt_trt.preprocess"):
+    with caplog.at_level(logging.WARNING, logger="vggt_trt.recon.preprocess"):
         out = load_and_preprocess_images([p["land"], p["port"]])
     assert out.shape == (2, 3, 518, 518)
     assert "different shapes" in caplog.text

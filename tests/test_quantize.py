@@ -23,10 +23,10 @@ onnx = pytest.importorskip("onnx")
 from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vggt_trt.calib import calibration_set, synthetic_images  # noqa: E402
+from vggt_trt.quant.calib import calibration_set, synthetic_images  # noqa: E402
 from vggt_trt.errors import GraphError, InputError  # noqa: E402
-from vggt_trt import quant_modes as qm  # noqa: E402
-from vggt_trt import quantize as q  # noqa: E402
+from vggt_trt.quant import modes as qm  # noqa: E402
+from vggt_trt.quant import ptq as q  # noqa: E402
 
 OUTPUTS = ("pose_enc", "depth", "depth_conf")
 S, H, W = 2, 56, 56
@@ -231,7 +231,7 @@ def test_ptq_graph_builds_with_tensorrt_rtx(ptq, precision, cc):
 
 
 def test_accuracy_table_on_quantised_outputs(ptq, fp32_ref, eval_batches):
-    from vggt_trt.metrics import accuracy_table, format_accuracy_table
+    from vggt_trt.accuracy import accuracy_table, format_accuracy_table
 
     test = run_ort(Path(ptq["int8"]["output"]), eval_batches[:1])[0]
     table = accuracy_table(fp32_ref[0], test, (H, W), random_weights=True)
@@ -409,8 +409,8 @@ def test_quant_mode_exports_in_a_fresh_process(tmp_path):
 import sys, torch
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_quantize import Toy, export
-from vggt_trt.quant_modes import apply_quant_mode
-from vggt_trt.quantize import qdq_summary
+from vggt_trt.quant.modes import apply_quant_mode
+from vggt_trt.quant.ptq import qdq_summary
 model = Toy().eval()
 apply_quant_mode(model, "bitsandbytes-8bit")
 path = export(model, __import__("pathlib").Path({str(tmp_path / "fresh.onnx")!r}))

@@ -9,33 +9,18 @@ import numpy as np
 import pytest
 
 from vggt_trt.errors import InputError
-from vggt_trt.runtime import (OrtRunner, RuntimeUnavailableError, TorchRunner, TrtRunner, benchmark,
-                              check_engine_can_run, make_runner, random_feeds)
+from vggt_trt.runtime.base import RuntimeUnavailableError, random_feeds
+from vggt_trt.runtime.benchmark import benchmark
+from vggt_trt.runtime.factory import make_runner
+from vggt_trt.runtime.ort_runner import OrtRunner
+from vggt_trt.runtime.torch_runner import TorchRunner
+from vggt_trt.runtime.trt_runner import TrtRunner, check_engine_can_run
+
+from helpers import build_rtx_engine, export_tiny
 
 SHAPE = (2, 3, 56, 56)
 # ORT CPU vs PyTorch CPU, both fp32: measured rel L2 ~5e-7; the bound leaves room for other CPUs' kernels
 REL_L2_TOL = 1e-4
-
-
-def export_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Export the tiny pcd graph once per session (reused by every test module that asks)."""
-    path = tmp_path_factory.getbasetemp() / "tiny-onnx" / "vggt-2x3x56x56-pcd.onnx"
-    if not path.is_file():
-        from vggt_trt.export import ExportSpec, export_onnx
-        from vggt_trt.model.weights import build_model
-
-        export_onnx(build_model("tiny"), path, ExportSpec(num_cams=2, height=56, width=56, pcd_only=True))
-    return path
-
-
-def build_rtx_engine(onnx_path: Path, engine_path: Path) -> Path:
-    """An fp32 engine built ahead of time by TensorRT-RTX on CPU; skips when tensorrt_rtx is missing."""
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed: no engine can be built here")
-    if not engine_path.is_file():
-        from vggt_trt.build import build_engine
-
-        build_engine(onnx_path, engine_path, "fp32", backend="tensorrt-rtx", workspace_gb=1, opt_level=0)
-    return engine_path
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +90,7 @@ def test_benchmark_fields(tiny_onnx: Path, feeds: dict[str, np.ndarray]) -> None
 
 
 def test_random_feeds_fill_dynamic_axes() -> None:
-    from vggt_trt.runtime import TensorMeta
+    from vggt_trt.runtime.base import TensorMeta
 
     f = random_feeds([TensorMeta("images", (None, 3, None, None), "float32")], (3, 3, 28, 42))
     assert f["images"].shape == (3, 3, 28, 42) and f["images"].dtype == np.float32
@@ -117,7 +102,8 @@ class _Info:
 
 
 def test_engine_error_paths_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vggt_trt import runtime_trt, trt_backend
+    from vggt_trt.runtime import trt_runner as runtime_trt
+    from vggt_trt.trt import backend as trt_backend
 
     engine = tmp_path / "vggt-2x3x56x56-pcd_fp32.engine"
     engine.write_bytes(b"not really an engine")

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from test_convert import TINY, needs_rtx  # noqa: E402
+from helpers import TINY, needs_rtx  # noqa: E402
 import vggt_to_trt
 from vggt_trt import atomic
-from vggt_trt.calib import calibration_set
+from vggt_trt.quant.calib import calibration_set
 from vggt_trt.errors import BuildError, InputError, MissingDependencyError
-from vggt_trt.trt_calibrator import (calibration_cache_key, calibration_cache_path, check_batch,
+from vggt_trt.quant.trt10_calibrator import (calibration_cache_key, calibration_cache_path, check_batch,
                                      make_entropy_calibrator)
 
 SHAPE = (2, 3, 28, 42)
@@ -70,7 +70,7 @@ def test_cache_key_changes_with_data_shape_version_and_graph():
 
 
 def test_cache_roundtrip_and_stale_cache_not_reused(tmp_path, fake_cuda, caplog):
-    caplog.set_level(logging.INFO, "vggt_trt.trt_calibrator")
+    caplog.set_level(logging.INFO, "vggt_trt.quant.trt10_calibrator")
     cal = make_entropy_calibrator(FakeTRT10, _set(0), tmp_path, graph_fingerprint="g1")
     assert cal.base_initialised and isinstance(cal, FakeTRT10.IInt8EntropyCalibrator2)
     assert cal.get_batch_size() == 1
@@ -196,8 +196,10 @@ def _vggt_like_graph(path: Path) -> Path:
 def test_stage_build_passes_the_calibrator_and_reports_it(tmp_path, fake_cuda, monkeypatch, fail):
     """convert.stage_build on a stand-in TensorRT 10: calibrator handed to build_engine, recorded in the report,
     and a calibration failure inside get_batch becomes a BuildError with no engine left behind."""
-    from vggt_trt import build, convert, trt_backend
-    from vggt_trt.build import BuildResult
+    from vggt_trt.trt import build
+    from vggt_trt.pipelines import convert
+    from vggt_trt.trt import backend as trt_backend
+    from vggt_trt.trt.build import BuildResult
 
     info = trt_backend.BackendInfo("tensorrt", "10.13.0", 10, strongly_typed_only=False, has_precision_flags=True)
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda backend="auto": (FakeTRT10, info))

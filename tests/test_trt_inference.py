@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import load_script  # noqa: E402
-from test_runtime import build_rtx_engine, export_tiny  # session-cached tiny ONNX / engine helpers
+from helpers import build_rtx_engine, export_tiny, load_script  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

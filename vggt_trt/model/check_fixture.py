@@ -1,21 +1,18 @@
 """Check our VGGT against a reference fixture (safetensors + JSON in the vggt-tiny-a format).
 
-Usage: python -m vggt_trt.model.check_fixture PATH.safetensors [--tolerance 1e-4] [--json OUT]
-Exits 1 when any output's relative L2 error exceeds the tolerance.
+Command line: ``python -m vggt_trt.cli.check_fixture PATH.safetensors [--tolerance 1e-4] [--json OUT]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, VggtTrtError
+from ..errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +38,8 @@ def check_fixture(path: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> dic
     """Run the fixture's input through our model built from its config; per-output error stats."""
     import torch
 
-    from ..compare import tensor_errors
-    from ..geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
+    from ..accuracy import tensor_errors
+    from ..recon.geometry import pose_encoding_to_extri_intri, unproject_depth_map_to_point_map
     from .config import config_from_fixture
     from .vggt import FULL_OUTPUTS, VGGT
     from .weights import load_state_dict_into
@@ -87,27 +84,3 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{name:36s} {str(r['shape']):>18s} {r['rel_l2']:11.3e} {r['max_abs']:11.3e}  {status}")
     lines.append("PASSED" if report["passed"] else f"FAILED: {', '.join(report['failed'])}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("fixture", help="fixture .safetensors file; its .json must sit beside it")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="max relative L2 per output")
-    parser.add_argument("--json", help="also write the report as JSON to this path")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = check_fixture(args.fixture, args.tolerance)
-    except VggtTrtError as e:
-        logger.error("%s", e)
-        return 2
-    sys.stdout.write(format_report(report) + "\n")
-    if args.json:
-        from ..atomic import write_json_atomic
-
-        write_json_atomic(args.json, report)
-    return 0 if report["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

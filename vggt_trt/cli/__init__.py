@@ -1,0 +1,1 @@
+"""Command-line front ends (argparse only); library code never parses arguments."""

@@ -1,0 +1,51 @@
+"""Shared pieces of the command-line front ends: the parser (flag spellings) and error-to-exit-code mapping."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import InputError, MissingDependencyError, VggtTrtError
+from ..logs import setup_logging
+
+EXIT_CODES = {InputError: 2, MissingDependencyError: 3}
+
+
+def hyphenate_flags(argv: Sequence[str]) -> list[str]:
+    """``--num_cams 8`` -> ``--num-cams 8`` (also ``--out_dir=x``); tokens after ``--`` stay as they are."""
+    out, rest = [], False
+    for token in argv:
+        if not rest and token.startswith("--") and len(token) > 2:
+            flag, sep, value = token.partition("=")
+            token = flag.replace("_", "-") + sep + value
+        rest = rest or token == "--"
+        out.append(token)
+    return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose long flags are declared with hyphens (``--num-cams``) and also accept the
+    original toolkit's underscore spellings (``--num_cams``), which ``--help`` does not list."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        return super().parse_known_args(hyphenate_flags(sys.argv[1:] if args is None else args), namespace)
+
+
+def run_cli(job: Callable[[], int], log_dir: Path | None, name: str, verbose: bool) -> int:
+    """Run ``job`` with logging set up; typed library errors become one log line and an exit code."""
+    log_file = setup_logging(log_dir, name, verbose)
+    log = logging.getLogger(name)
+    if log_file:
+        log.info("log file: %s", log_file)
+    try:
+        return job()
+    except VggtTrtError as e:
+        log.error("%s", e)
+        for err_type, code in EXIT_CODES.items():
+            if isinstance(e, err_type):
+                return code
+        return 1

@@ -1,0 +1,81 @@
+"""VGGT -> ONNX -> TensorRT engine, with sequence removal, simplification, precision graphs and a build report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..pipelines.convert import ConvertOptions, convert, parse_precisions
+from ..precisions import PRECISIONS
+from ..quant.modes import QUANT_MODES
+from .common import ArgumentParser, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="vggt_to_trt.py", description=__doc__)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--export", action="store_true", help="export VGGT to ONNX first (otherwise use --onnx-in)")
+    io.add_argument("--onnx-in", type=Path, help="existing VGGT ONNX graph (skips export)")
+    io.add_argument("--output-dir", type=Path, default=Path("onnx_exports"), help="artifacts (default: onnx_exports)")
+    io.add_argument("--log-dir", type=Path, default=Path("logs"), help="run logs (default: logs)")
+    geo = p.add_argument_group("model geometry")
+    geo.add_argument("--num-cams", type=int, default=8, help="views per forward (default 8)")
+    geo.add_argument("--height", type=int, default=518, help="input height, multiple of 14 (default 518)")
+    geo.add_argument("--width", type=int, default=518, help="input width, multiple of 14 (default 518)")
+    geo.add_argument("--pcd-only", action="store_true", help="only camera + depth heads (point clouds)")
+    geo.add_argument("--model-name", default="facebook/VGGT-1B", help="preset (tiny, vggt-1b), hub id or local dir")
+    geo.add_argument("--weights", type=Path, help="local checkpoint (model.safetensors / model.pt)")
+    geo.add_argument("--random-init", action="store_true", help="seeded random weights, no download")
+    geo.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    geo.add_argument("--opset", type=int, default=18)
+    prec = p.add_argument_group("precision")
+    prec.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    prec.add_argument("--all-precisions", action="store_true", help="fp16, bf16, fp8, int8, int4 from one export")
+    prec.add_argument("--quant-mode", default="none", choices=QUANT_MODES, help="quantisation applied before export")
+    prec.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                      help="check cast/quantised graphs against fp32 on CPU (default: when the graph is small)")
+    build = p.add_argument_group("TensorRT build")
+    build.add_argument("--workspace-gb", type=float, default=32)
+    build.add_argument("--opt-level", type=int, default=5, choices=range(0, 6))
+    build.add_argument("--max-aux-streams", type=int, default=4)
+    build.add_argument("--no-simplify", action="store_true", help="skip ONNX simplification")
+    build.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
+    build.add_argument("--compute-capability", dest="compute_capabilities", action="append", default=[],
+                       help="TensorRT-RTX target, e.g. 8.9 or 12.0 (repeatable; default: portable)")
+    build.add_argument("--skip-build", action="store_true", help="stop after the final ONNX graph")
+    cal = p.add_argument_group("calibration (int8 / fp8 / int4)")
+    cal.add_argument("--calib-data", help="image dir, glob, .npy or .npz (default: synthetic, with a warning)")
+    cal.add_argument("--calib-batches", type=int, default=32)
+    cal.add_argument("--calib-seed", type=int, default=1337)
+    cal.add_argument("--calib-cpu", action="store_true", help="keep calibration batches on the host")
+    cal.add_argument("--int8-calibrator", action="store_true",
+                     help="TensorRT 10 only: classic IInt8EntropyCalibrator2 with calibration cache instead of Q/DQ")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def job() -> int:
+        opts = ConvertOptions(
+            output_dir=args.output_dir, export=args.export, onnx_in=args.onnx_in, num_cams=args.num_cams,
+            height=args.height, width=args.width, pcd_only=args.pcd_only, model_name=args.model_name,
+            weights=args.weights, random_init=args.random_init, seed=args.seed, opset=args.opset,
+            precisions=parse_precisions(args.precision, args.all_precisions), quant_mode=args.quant_mode,
+            workspace_gb=args.workspace_gb, opt_level=args.opt_level, max_aux_streams=args.max_aux_streams,
+            no_simplify=args.no_simplify, backend=args.backend, skip_build=args.skip_build,
+            compute_capabilities=tuple(args.compute_capabilities), calib_data=args.calib_data,
+            calib_batches=args.calib_batches, calib_seed=args.calib_seed, calib_cpu=args.calib_cpu,
+            int8_calibrator=args.int8_calibrator,
+            verify=args.verify,
+        )
+        for report in convert(opts):
+            logging.getLogger("vggt_to_trt").info(
+                "%s %s: %s", report["stem"], report["precision"],
+                report.get("engine", {}).get("path") or report["onnx"]["path"])
+        return 0
+
+    return run_cli(job, args.log_dir, "vggt_to_trt", args.verbose)
+

@@ -1,0 +1,154 @@
+"""Multi-view images -> VGGT (TensorRT engine, ONNX Runtime or PyTorch) -> point cloud, cameras, COLMAP model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import InputError
+from ..pipelines.live import LiveOptions, run_live
+from ..pipelines.pcd import PcdOptions, run_pcd
+from .common import ArgumentParser, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="pcd_inference.py", description=__doc__)
+    src = p.add_argument_group("input")
+    src.add_argument("--source", default="images", choices=("images", "videos", "webcams"),
+                     help="images: a scene folder; videos / webcams: the live pipeline (vggt_trt.pipelines.live)")
+    src.add_argument("--images", type=Path,
+                     help="scene root: one sub-folder of frames per camera (cam001/, cam005/ ...) or a flat "
+                          "folder of images (one view each)")
+    src.add_argument("--views", help="comma-separated cameras, e.g. cam001,cam005,cam012")
+    src.add_argument("--random-views", type=int, help="pick this many cameras at random (--seed)")
+    src.add_argument("--num-cams", type=int, help="views per forward (default: the engine's, else 8 or all given)")
+    src.add_argument("--frame", type=int, default=0, help="frame index within each camera folder (default 0)")
+    src.add_argument("--seed", type=int, default=0)
+    model = p.add_argument_group("model (one of)")
+    model.add_argument("--vggt-engine", type=Path, help="TensorRT / TensorRT-RTX engine")
+    model.add_argument("--onnx", type=Path, help="ONNX graph, run with ONNX Runtime")
+    model.add_argument("--torch", action="store_true", help="our PyTorch VGGT (default when no file is given)")
+    model.add_argument("--model-name", default="facebook/VGGT-1B", help="preset (tiny, vggt-1b), hub id or dir")
+    model.add_argument("--weights", type=Path, help="local checkpoint for --torch")
+    model.add_argument("--random-init", action="store_true", help="seeded random weights for --torch")
+    model.add_argument("--precision", default="fp32",
+                       choices=("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16"))
+    model.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    model.add_argument("--trt-backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
+    cams = p.add_argument_group("known cameras")
+    cams.add_argument("--intrinsics", type=Path, help="known intrinsics (.json/.yaml/.npz), source pixels")
+    cams.add_argument("--poses", type=Path, help="known poses (.json/.yaml/.npz): align the cloud to the rig frame")
+    cams.add_argument("--poses-convention", choices=("c2w", "w2c"), help="default: the file's, else c2w")
+    proc = p.add_argument_group("processing")
+    proc.add_argument("--preprocess", default="crop", choices=("crop", "pad"))
+    proc.add_argument("--target-size", type=int, help="official crop/pad size for --torch (default: preset's)")
+    proc.add_argument("--conf-threshold", type=float, help="keep points with confidence >= this")
+    proc.add_argument("--conf-percentile", type=float, default=50.0,
+                      help="drop the lowest X %% by confidence (default 50, as the official demo; 0 keeps all)")
+    proc.add_argument("--mask-black-bg", action="store_true", help="drop near-black pixels")
+    proc.add_argument("--mask-white-bg", action="store_true", help="drop near-white pixels")
+    proc.add_argument("--voxel-size", type=float, help="voxel downsampling size (cloud units)")
+    proc.add_argument("--colmap-max-points", type=int, default=200_000,
+                      help="points written to COLMAP points3D.txt (uniform sample; 0 = all; the PLY has all)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out-dir", type=Path, required=True)
+    out.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
+                     help="write the preprocessed views to out_dir/images (what the COLMAP model describes)")
+    out.add_argument("--log-dir", type=Path, default=None, help="also log to a file here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_live_arguments(p)
+    return p
+
+
+def add_live_arguments(parser: argparse.ArgumentParser) -> None:
+    """The live flags of ``pcd_inference.py`` (videos/webcams); shared flags live in the front end."""
+    g = parser.add_argument_group("live sources (--source videos | webcams)")
+    g.add_argument("--videos", type=Path, help="one video per camera: camXX.mp4 files or per-camera sub-folders")
+    g.add_argument("--webcams", nargs="+", help="device indices or name=index: 0 1 2 or front=0 back=1")
+    g.add_argument("--frame-step", type=int, default=1, help="use every N-th frame of each camera")
+    g.add_argument("--max-batches", type=int, help="stop after this many lock-step batches")
+    g.add_argument("--min-cams", type=int, help="go on while this many cameras deliver (default: all)")
+    g.add_argument("--stall-timeout", type=float, default=5.0, help="seconds to wait for a camera's frame")
+    g.add_argument("--vggt-every", type=int, default=0, help="re-run VGGT every N batches to refresh the fit")
+    d = parser.add_argument_group("Depth Anything")
+    d.add_argument("--depth-model", default="depth-anything/Depth-Anything-V2-Small-hf",
+                   help="hub id (local cache), snapshot dir, or preset tiny / vits (random weights)")
+    d.add_argument("--depth-engine-dir", type=Path, help="folder of Depth Anything engines / ONNX graphs")
+    d.add_argument("--depth-backend", default="auto", choices=("auto", "engine", "onnx", "torch"))
+    d.add_argument("--depth-workers", type=int, help="Depth Anything workers (default: num_cams)")
+    d.add_argument("--depth-precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    d.add_argument("--depth-random-init", action="store_true", help="seeded random Depth Anything weights")
+    d.add_argument("--depth-allow-download", action="store_true", help="let transformers download weights")
+    m = parser.add_argument_group("calibration and map")
+    m.add_argument("--per-camera-calib", type=Path, help="scale/shift + cameras JSON, reused across runs "
+                                                         "(default: out_dir/per_camera_calib.json)")
+    m.add_argument("--initial-map", type=Path, help="PLY to seed the map with (map frame)")
+    m.add_argument("--ema", type=float, default=0.3, help="weight of a new scale/shift fit (0..1]")
+    m.add_argument("--max-voxels", type=int, default=2_000_000, help="map size bound (oldest voxels evicted)")
+    m.add_argument("--pixel-stride", type=int, default=1, help="unproject every N-th pixel")
+    m.add_argument("--save-batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="PLY per batch in out_dir/batches (default: on)")
+
+
+def options_from_args(args: argparse.Namespace) -> LiveOptions:
+    """The live pipeline's options from the parsed flags."""
+    backend = "engine" if args.vggt_engine else "onnx" if args.onnx else "torch"
+    return LiveOptions(
+        source=args.source, out_dir=args.out_dir, images=args.images, videos=args.videos, webcams=args.webcams,
+        num_cams=args.num_cams, random_views=args.random_views, seed=args.seed,
+        views=[v.strip() for v in args.views.split(",") if v.strip()] if args.views else None,
+        frame_step=args.frame_step, max_batches=args.max_batches, min_cams=args.min_cams,
+        stall_timeout=args.stall_timeout, backend=backend, model_path=args.vggt_engine or args.onnx,
+        model_name=args.model_name, weights=args.weights, precision=args.precision, device=args.device,
+        random_init=args.random_init, trt_backend=args.trt_backend, target_size=args.target_size,
+        vggt_every=args.vggt_every, depth_model=args.depth_model, depth_engine_dir=args.depth_engine_dir,
+        depth_backend=args.depth_backend, depth_workers=args.depth_workers, depth_precision=args.depth_precision,
+        depth_random_init=args.depth_random_init, depth_allow_download=args.depth_allow_download,
+        intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,
+        per_camera_calib=args.per_camera_calib, initial_map=args.initial_map,
+        conf_percentile=args.conf_percentile or 0.0, ema=args.ema, voxel_size=args.voxel_size,
+        max_voxels=args.max_voxels, pixel_stride=args.pixel_stride, save_batches=args.save_batches)
+
+
+def run(args: argparse.Namespace) -> int:
+    given = [n for n, v in (("--vggt-engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
+    if len(given) > 1:
+        raise InputError(f"give one model: {' and '.join(given)} both given")
+    if args.source != "images":
+        s = run_live(options_from_args(args))
+        print(f"{s['batches']} batches from {len(s['source']['cameras'])} cameras -> map of {s['map']['voxels']} "
+              f"voxels in {args.out_dir} ({s['batches_per_s'] or 0:.2f} batches/s)")
+        for e in s["source"]["events"]:
+            print(f"camera {e['camera']} {e['event']} at batch {e['batch']}: {e['reason']}")
+        return 0
+    if args.images is None:
+        raise InputError("--source images needs --images")
+    backend = "engine" if args.vggt_engine else "onnx" if args.onnx else "torch"
+    opts = PcdOptions(
+        images=args.images, out_dir=args.out_dir, backend=backend, model_path=args.vggt_engine or args.onnx,
+        model_name=args.model_name, weights=args.weights, precision=args.precision, device=args.device,
+        random_init=args.random_init, trt_backend=args.trt_backend,
+        views=[v.strip() for v in args.views.split(",") if v.strip()] if args.views else None,
+        random_views=args.random_views, num_cams=args.num_cams, frame=args.frame, seed=args.seed,
+        intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,
+        preprocess=args.preprocess, target_size=args.target_size, conf_threshold=args.conf_threshold,
+        conf_percentile=args.conf_percentile or None, mask_black_bg=args.mask_black_bg,
+        mask_white_bg=args.mask_white_bg, voxel_size=args.voxel_size, save_images=args.save_images,
+        colmap_max_points=args.colmap_max_points)
+    summary = run_pcd(opts)
+    pts, t = summary["points"], summary["timings_ms"]
+    print(f"{len(summary['scene']['views'])} views ({', '.join(summary['scene']['views'])}) -> "
+          f"{pts['written']} points (of {pts['total']}) in {args.out_dir}")
+    if summary["scene"]["skipped"]:
+        print("skipped: " + "; ".join(f"{s['view']}: {s['reason']}" for s in summary["scene"]["skipped"]))
+    if summary["alignment"]:
+        print(f"aligned to known poses: scale {summary['alignment']['scale']:.4g}, "
+              f"residual RMS {summary['alignment']['residual_rms']:.4g}")
+    print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args), args.log_dir, "pcd_inference", args.verbose)
+

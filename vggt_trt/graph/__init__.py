@@ -1,0 +1,1 @@
+"""ONNX files and graph passes: io, export, sequence removal, simplify, precision cast."""

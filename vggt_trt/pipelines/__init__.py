@@ -1,0 +1,1 @@
+"""End-to-end pipelines: conversion, images to point cloud, live rigs, Depth Anything."""

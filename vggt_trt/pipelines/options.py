@@ -1,0 +1,33 @@
+"""The VGGT model choice shared by the images and live pipelines, and the runner it makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from ..runtime.ort_runner import OrtRunner
+from ..runtime.torch_runner import TorchRunner
+from ..runtime.trt_runner import TrtRunner
+
+
+@dataclass(kw_only=True)
+class VggtModelOptions:
+    """Which VGGT runs and how: an engine, an ONNX graph, or our PyTorch model."""
+
+    backend: str = "torch"  # engine | onnx | torch
+    model_path: Path | None = None  # .engine or .onnx
+    model_name: str = "facebook/VGGT-1B"
+    weights: Path | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+    random_init: bool = False
+    trt_backend: str = "auto"
+    seed: int = 0
+
+    def make_runner(self) -> Any:
+        if self.backend == "engine":
+            return TrtRunner(self.model_path, trt_backend=self.trt_backend)
+        if self.backend == "onnx":
+            return OrtRunner(self.model_path)
+        return TorchRunner(model_name=self.model_name, weights=self.weights, precision=self.precision,
+                           device=self.device, random_init=self.random_init, seed=self.seed)

@@ -1,0 +1,1 @@
+"""Reconstruction: geometry, image preprocessing, rig folders, point-cloud files, voxel map."""

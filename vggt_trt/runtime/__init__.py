@@ -1,0 +1,1 @@
+"""Runners over one interface (torch, onnxruntime, TensorRT), benchmark and the runner factory."""

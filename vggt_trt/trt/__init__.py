@@ -1,0 +1,1 @@
+"""TensorRT: the only code that imports tensorrt / tensorrt_rtx; engine build."""

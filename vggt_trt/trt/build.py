@@ -1,0 +1,384 @@
+"""ONNX -> TensorRT / TensorRT-RTX engine build, timing cache, precision inspection and build result.
+
+Two typing paths, chosen from the imported module (``trt_backend.import_tensorrt``):
+
+- strongly typed (TensorRT >= 11, TensorRT-RTX, and TensorRT 10 when asked): the precision comes from the
+  ONNX types, so fp16/bf16 need a cast graph (``graph.cast_precision``) and int8/fp8 a Q/DQ graph;
+- weakly typed (TensorRT 10 default, the original toolkit's behaviour): an fp32 graph plus
+  BuilderFlag.FP16/BF16/INT8/FP8, with an optional INT8 calibrator.
+
+Timing cache: kept at the path the caller names (``trt_timing.cache``) with a sidecar
+``trt_timing.cache.json`` holding the writer's ``<module>-<version>`` key and the cache's SHA-256. A
+cache whose key differs (another TensorRT version) or whose hash does not match (interrupted write) is
+never fed to the builder: it is ignored with a log line and replaced after the build. Before saving, a
+valid cache that another build wrote meanwhile is merged in (ITimingCache.combine). TensorRT-RTX
+ignores timing caches (no-ops, deprecated since TensorRT-RTX 1.2), so RTX builds skip them and say so.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import backend as tb
+from ..atomic import write_bytes_atomic, write_json_atomic
+from ..errors import BuildError, InputError
+from ..precisions import PRECISIONS
+
+logger = logging.getLogger(__name__)
+
+FP8_TARGETS = (89, 120)  # Ada and Blackwell: the RTX GPUs with FP8 (TensorRT-RTX support matrix)
+_UNSUPPORTED = {"fp8": {75, 80, 86}, "bf16": {75}, "int4": {75}}  # TensorRT-RTX support matrix: no FP8 before SM89, no BF16 on Turing
+_FALLBACK = {"fp8": "FP16/FP32", "int8": "FP16/FP32", "int4": "FP16/FP32", "fp16": "FP32", "bf16": "FP32"}
+
+
+@dataclass
+class BuildResult:
+    """Everything a build report needs; ``to_dict`` is JSON-able."""
+
+    engine_path: str
+    onnx_path: str
+    precision: str
+    backend: str
+    backend_version: str
+    typing: str  # "strong" or "weak" (legacy precision flags)
+    flags: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    skipped_settings: dict[str, str] = field(default_factory=dict)
+    compute_capabilities: list[str] | None = None
+    timing_cache: dict[str, Any] = field(default_factory=dict)
+    parse_seconds: float = 0.0
+    build_seconds: float = 0.0
+    total_seconds: float = 0.0
+    engine_bytes: int = 0
+    network_precision: dict[str, Any] = field(default_factory=dict)
+    engine_precision: dict[str, Any] | None = None
+    engine_precision_note: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------- precision summaries
+def network_precision_summary(network: Any) -> dict[str, Any]:
+    """Count layer output dtypes of a parsed network, plus the input dtypes of MatMul/Conv layers."""
+    outputs: collections.Counter[str] = collections.Counter()
+    compute: collections.Counter[str] = collections.Counter()
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        for j in range(layer.num_outputs):
+            outputs[tb.dtype_name(layer.get_output(j).dtype)] += 1
+        kind = getattr(layer.type, "name", str(layer.type))
+        if kind in ("MATRIX_MULTIPLY", "CONVOLUTION", "DECONVOLUTION") and layer.num_inputs:
+            compute[tb.dtype_name(layer.get_input(0).dtype)] += 1
+    return {"layers": network.num_layers, "output_dtypes": dict(outputs.most_common()),
+            "matmul_conv_input_dtypes": dict(compute.most_common())}
+
+
+_DTYPE_WORDS = [("bf16", "bf16"), ("fp16", "fp16"), ("half", "fp16"), ("fp32", "fp32"), ("float", "fp32"),
+                ("fp8", "fp8"), ("e4m3", "fp8"), ("int8", "int8"), ("fp4", "fp4"), ("int4", "int4"),
+                ("int32", "int32"), ("int64", "int64"), ("bool", "bool"), ("uint8", "uint8")]
+
+
+def _inspector_dtype(text: str) -> str:
+    """Dtype from an inspector field: "Half" (TensorRT 11 "DataType") or "Row major linear FP16 format" (10.x)."""
+    lowered = text.lower()
+    for word, name in _DTYPE_WORDS:
+        if re.search(rf"\b{word}\b", lowered):
+            return name
+    return lowered or "unknown"
+
+
+def engine_precision_summary(engine: bytes | memoryview | str | os.PathLike,
+                             backend: str = "auto") -> dict[str, Any] | None:
+    """Layer output dtypes from the engine inspector; None (reason logged) where the engine cannot be deserialised."""
+    count, reason = tb.cuda_device_count()
+    if count == 0:
+        logger.info("engine precision summary skipped: %s; engines deserialise only on a GPU", reason)
+        return None
+    data = Path(engine).read_bytes() if isinstance(engine, (str, os.PathLike)) else engine
+    trt, _info = tb.import_tensorrt(backend)
+    trt_logger = tb.make_logger(trt)
+    _runtime, eng = tb.deserialize_engine(trt, data, trt_logger)
+    if eng is None:
+        logger.warning("engine precision summary skipped: TensorRT could not deserialise the engine (%s)",
+                       "; ".join(trt_logger.errors[-2:]) or "no message")
+        return None
+    info = json.loads(eng.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = info.get("Layers", [])
+    outputs: collections.Counter[str] = collections.Counter()
+    for layer in layers:
+        if not isinstance(layer, dict):  # built without ProfilingVerbosity.DETAILED: names only
+            return {"layers": len(layers), "output_dtypes": {}, "note": "engine has layer names only (no detail)"}
+        for out in layer.get("Outputs", []):
+            outputs[_inspector_dtype(str(out.get("DataType") or out.get("Format/Datatype", "")))] += 1
+    return {"layers": len(layers), "output_dtypes": dict(outputs.most_common())}
+
+
+def precision_warning(precision: str, summary: dict[str, Any] | None, what: str = "engine") -> str | None:
+    """The original toolkit's warning when the requested precision is absent from an engine (or network)."""
+    if precision == "fp32" or not summary or not summary.get("output_dtypes"):
+        return None
+    if precision in summary["output_dtypes"]:
+        return None
+    p = precision.upper()
+    return f"{p} requested but {what} contains no {p} tensors; TensorRT likely fell back to {_FALLBACK[precision]}."
+
+
+# ------------------------------------------------------------------------------------------ timing cache
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _valid_cache_bytes(path: Path, key: str) -> tuple[bytes | None, str]:
+    """The cache bytes if the sidecar says ``key`` wrote them and the hash matches; else None and why."""
+    if not path.is_file():
+        return None, "no cache file yet"
+    try:
+        meta = json.loads(_sidecar(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"sidecar {_sidecar(path).name} missing or unreadable ({type(exc).__name__})"
+    if meta.get("key") != key:
+        return None, f"cache was written by {meta.get('key')}, this build is {key}"
+    data = path.read_bytes()
+    if meta.get("sha256") != hashlib.sha256(data).hexdigest():
+        return None, "cache bytes do not match the sidecar's hash (interrupted write?)"
+    return data, ""
+
+
+def load_timing_cache(config: Any, path: str | os.PathLike, info: tb.BackendInfo) -> tuple[Any, dict[str, Any]]:
+    """Attach a timing cache to ``config``: the one at ``path`` when it belongs to this TensorRT, else a new one."""
+    p = Path(path)
+    data, reason = _valid_cache_bytes(p, info.cache_key)
+    status: dict[str, Any] = {"path": str(p), "key": info.cache_key, "loaded": data is not None,
+                              "loaded_bytes": len(data or b""), "reason": reason}
+    cache = config.create_timing_cache(data or b"")
+    if not config.set_timing_cache(cache, False):
+        status.update(loaded=False, reason="TensorRT refused the cache (device mismatch); starting a new one")
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    if data is None and p.exists():
+        logger.warning("timing cache %s ignored: %s", p, reason)
+    logger.info("timing cache %s: %s", p, "loaded" if status["loaded"] else f"new ({status['reason']})")
+    return cache, status
+
+
+def save_timing_cache(config: Any, path: str | os.PathLike, info: tb.BackendInfo, status: dict[str, Any]) -> None:
+    """Merge a cache another build wrote meanwhile, then write cache and sidecar atomically (cache first)."""
+    p = Path(path)
+    cache = config.get_timing_cache()
+    other, _ = _valid_cache_bytes(p, info.cache_key)
+    if other is not None:  # entries another build saved meanwhile (duplicates are skipped by TensorRT)
+        status["merged"] = bool(cache.combine(config.create_timing_cache(other), False))
+    blob = bytes(memoryview(cache.serialize()))
+    write_bytes_atomic(p, blob)
+    write_json_atomic(_sidecar(p), {"key": info.cache_key, "backend": info.name, "version": info.version,
+                                    "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
+    status.update(saved=True, saved_bytes=len(blob))
+    logger.info("timing cache saved: %s (%d bytes, key %s)", p, len(blob), info.cache_key)
+
+
+# ------------------------------------------------------------------------------------ argument checking
+def parse_compute_capability(value: Any) -> int:
+    """"8.9", "sm89", "SM_120", 89, (8, 9) -> 89; "current" -> 0 (the GPU of this machine)."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return int(value[0]) * 10 + int(value[1])
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().replace("sm_", "").replace("sm", "")
+    if text == "current":
+        return 0
+    match = re.fullmatch(r"(\d+)\.(\d)|(\d{2,3})", text)
+    if not match:
+        raise InputError(f"cannot read compute capability {value!r}; use e.g. 8.9, sm89 or current")
+    return int(match.group(1)) * 10 + int(match.group(2)) if match.group(1) else int(match.group(3))
+
+
+def resolve_compute_capabilities(trt: Any, info: tb.BackendInfo, precision: str,
+                                 requested: Sequence[Any] | None) -> list[int] | None:
+    """Validate targets before building; default: portable (None), or SM89+SM120 for fp8 on TensorRT-RTX."""
+    if not info.is_rtx:
+        if requested:
+            raise InputError("compute capability targets are a TensorRT-RTX feature; "
+                             f"{info.name} builds for the GPU it runs on")
+        return None
+    if not requested:
+        if precision == "fp8":
+            logger.info("fp8 needs compute capability 8.9 or 12.0 (FP8 tensor cores): building for SM89 and SM120; "
+                        "the default portable targets include SM80/SM86, which have no FP8")
+            return list(FP8_TARGETS)
+        logger.info("no compute capability targets given: TensorRT-RTX default portable targets "
+                    "(SM80, SM86, SM89, SM120 and later)")
+        return None
+    targets = [parse_compute_capability(v) for v in requested]
+    known = tb.supported_compute_capabilities(trt)
+    for sm in targets:
+        if sm == 0:
+            count, reason = tb.cuda_device_count()
+            if count == 0:
+                raise InputError(f"compute capability 'current' needs a GPU on this machine: {reason}")
+        elif sm not in known:
+            raise InputError(f"{info.name} {info.version} cannot target SM{sm}; it knows "
+                             + ", ".join(f"SM{k}" for k in known))
+        elif sm in _UNSUPPORTED.get(precision, ()):
+            raise InputError(f"{precision} cannot run on SM{sm} ({sm // 10}.{sm % 10}); "
+                             f"{precision} needs " + ("SM89 or SM120" if precision == "fp8" else "SM80 or newer"))
+        elif sm == 75 and precision == "fp32":
+            logger.warning("TensorRT-RTX has no FP32 GEMM on Turing (SM75): fp32 MatMul layers will fail to build")
+    return targets
+
+
+def _validate(onnx_path: Path, engine_path: Path, precision: str, workspace_gb: float, opt_level: int,
+              max_aux_streams: int) -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if not onnx_path.is_file():
+        raise InputError(f"ONNX file not found: {onnx_path}")
+    try:
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the engine directory {engine_path.parent}: {exc}") from exc
+    if not os.access(engine_path.parent, os.W_OK):
+        raise InputError(f"engine directory is not writable: {engine_path.parent}")
+    if workspace_gb <= 0:
+        raise InputError(f"workspace must be positive, got {workspace_gb} GB")
+    if not 0 <= opt_level <= 5:
+        raise InputError(f"optimisation level must be 0..5, got {opt_level}")
+    if max_aux_streams < -1:
+        raise InputError(f"max_aux_streams must be >= 0 (or -1 for TensorRT's default), got {max_aux_streams}")
+
+
+# ------------------------------------------------------------------------------------------------- build
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    precision: str,
+    *,
+    backend: str = "auto",
+    workspace_gb: float = 32,
+    opt_level: int = 5,
+    max_aux_streams: int = 4,
+    timing_cache_path: str | os.PathLike | None = None,
+    compute_capabilities: Sequence[Any] | None = None,
+    calibrator: Any = None,
+    strongly_typed: bool | None = None,
+    strict: bool = False,
+) -> BuildResult:
+    """Parse ``onnx_path``, build a ``precision`` engine and write it atomically to ``engine_path``.
+
+    ``strongly_typed=None`` picks strong typing where the module has nothing else (TensorRT >= 11,
+    TensorRT-RTX) and the legacy weakly typed path with precision flags on TensorRT 10. ``strict`` turns
+    "requested precision absent" warnings into BuildError. An existing engine is replaced only on success.
+    """
+    t_start = time.perf_counter()
+    onnx_p, engine_p = Path(onnx_path), Path(engine_path)
+    _validate(onnx_p, engine_p, precision, workspace_gb, opt_level, max_aux_streams)
+    trt, info = tb.import_tensorrt(backend)
+    strong = info.strongly_typed_only if strongly_typed is None else bool(strongly_typed)
+    if info.strongly_typed_only and not strong:
+        raise InputError(f"{info.name} {info.version} builds strongly typed networks only")
+    if calibrator is not None and (strong or precision != "int8"):
+        raise InputError("an INT8 calibrator works only on the weakly typed TensorRT 10 path with precision int8; "
+                         f"{info.name} {info.version} needs a Q/DQ graph (explicit quantisation) instead")
+    targets = resolve_compute_capabilities(trt, info, precision, compute_capabilities)
+    if not info.is_rtx and tb.cuda_device_count()[0] == 0:
+        raise BuildError(f"{info.name} needs a GPU to build engines ({tb.cuda_device_count()[1]}); "
+                         "TensorRT-RTX (`pip install tensorrt-rtx-cu13`) builds without one")
+    result = BuildResult(engine_path=str(engine_p), onnx_path=str(onnx_p), precision=precision, backend=info.name,
+                         backend_version=info.version, typing="strong" if strong else "weak",
+                         settings={"workspace_gb": workspace_gb, "opt_level": opt_level,
+                                   "max_aux_streams": max_aux_streams},
+                         compute_capabilities=[f"SM{t}" if t else "CURRENT" for t in targets] if targets else None)
+    logger.info("building %s %s engine from %s with %s %s (%s typing%s)", precision, engine_p.name, onnx_p.name,
+                info.name, info.version, result.typing,
+                "" if strong else ": legacy weakly typed path with builder precision flags")
+
+    trt_logger = tb.make_logger(trt)
+    builder = trt.Builder(trt_logger)
+    network = tb.create_network(trt, builder, info, strong)
+    parser = trt.OnnxParser(network, trt_logger)
+    t0 = time.perf_counter()
+    if not parser.parse_from_file(str(onnx_p)):
+        errors = tb.parser_errors(parser) or trt_logger.errors or ["no parser message"]
+        raise BuildError(f"TensorRT could not parse {onnx_p} ({len(errors)} errors): " + " | ".join(errors[:10]))
+    result.parse_seconds = round(time.perf_counter() - t0, 3)
+    result.network_precision = network_precision_summary(network)
+    logger.info("parsed %s in %.2f s: %d layers, output dtypes %s", onnx_p.name, result.parse_seconds,
+                network.num_layers, result.network_precision["output_dtypes"])
+    if strong:  # the graph itself must carry the precision
+        msg = precision_warning(precision, result.network_precision, "the parsed network")
+        if msg:
+            msg += " In a strongly typed build the ONNX types decide: cast or quantise the graph first."
+            if strict:
+                raise BuildError(msg)
+            logger.warning("%s", msg)
+            result.warnings.append(msg)
+
+    config = builder.create_builder_config()
+    skipped = result.skipped_settings
+    tb.set_workspace(trt, config, int(workspace_gb * (1 << 30)), skipped)
+    tb.set_config(config, "builder_optimization_level", opt_level, skipped)
+    if max_aux_streams >= 0:
+        tb.set_config(config, "max_aux_streams", max_aux_streams, skipped)
+    if hasattr(trt, "ProfilingVerbosity"):  # per-layer detail for the engine inspector
+        tb.set_config(config, "profiling_verbosity", trt.ProfilingVerbosity.DETAILED, skipped)
+    monitor = tb.make_progress_monitor(trt)
+    if monitor is not None:
+        tb.set_config(config, "progress_monitor", monitor, skipped)
+    if not strong:
+        result.flags = tb.set_precision_flags(trt, config, info, precision)
+        if calibrator is not None:
+            tb.set_config(config, "int8_calibrator", calibrator, skipped)
+    if targets:
+        tb.set_compute_capabilities(trt, config, targets)
+    cache_status: dict[str, Any] = {}
+    if timing_cache_path is not None and info.is_rtx:
+        result.timing_cache = {"path": str(timing_cache_path), "loaded": False, "saved": False,
+                               "reason": "TensorRT-RTX ignores timing caches (no-ops since TensorRT-RTX 1.2)"}
+        logger.info("timing cache skipped: %s", result.timing_cache["reason"])
+    elif timing_cache_path is not None and not hasattr(config, "create_timing_cache"):
+        result.timing_cache = {"path": str(timing_cache_path), "loaded": False, "saved": False,
+                               "reason": "IBuilderConfig.create_timing_cache does not exist in this TensorRT"}
+        logger.info("timing cache skipped: %s", result.timing_cache["reason"])
+    elif timing_cache_path is not None:
+        _cache, cache_status = load_timing_cache(config, timing_cache_path, info)
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        plan = builder.build_serialized_network(network, config)
+    result.build_seconds = round(time.perf_counter() - t0, 3)
+    if plan is None:
+        errors = trt_logger.errors or ["no error message from TensorRT"]
+        raise BuildError(f"TensorRT could not build {engine_p.name} from {onnx_p.name} after "
+                         f"{result.build_seconds:.1f} s: " + " | ".join(errors[-10:]))
+    if cache_status:
+        save_timing_cache(config, timing_cache_path, info, cache_status)
+        result.timing_cache = cache_status
+    data = memoryview(plan)
+    count, reason = tb.cuda_device_count()
+    result.engine_precision = engine_precision_summary(data, backend=info.name) if count else None
+    if result.engine_precision is None:
+        result.engine_precision_note = f"engine not inspected: {reason or 'TensorRT could not deserialise it'}"
+        logger.info("%s", result.engine_precision_note)
+    msg = precision_warning(precision, result.engine_precision)
+    if msg:
+        if strict:
+            raise BuildError(msg + " (strict: engine not written)")
+        logger.warning("%s", msg)
+        result.warnings.append(msg)
+    write_bytes_atomic(engine_p, data)
+    result.engine_bytes = data.nbytes
+    logger.info("built %s in %.1f s (%.1f MB)", engine_p, result.build_seconds, data.nbytes / 1e6)
+    result.total_seconds = round(time.perf_counter() - t_start, 3)
+    return result
