@@ -35,6 +35,18 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(hyphenate_flags(sys.argv[1:] if args is None else args), namespace)
 
 
+def add_compile_arguments(group: argparse._ActionsContainer) -> None:
+    """The PyTorch engine's compile flags (trt_inference.py, pcd_inference.py)."""
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="regional torch.compile of the PyTorch model (kernels built on the first call, "
+                            "about 90 s for the 1B model; a --compile-cache makes later processes start faster)")
+    group.add_argument("--compile-cache", type=Path,
+                       help="compile-cache artifact (.torchcache): loaded when it exists and matches this run "
+                            "(shape, precision, torch, GPU), written after the first call when it does not")
+    group.add_argument("--frames-chunk-size", type=int, default=8,
+                       help="frames per dense-head pass (default 8, as the official code; bounds memory at many views)")
+
+
 def run_cli(job: Callable[[], int], log_dir: Path | None, name: str, verbose: bool) -> int:
     """Run ``job`` with logging set up; typed library errors become one log line and an exit code."""
     log_file = setup_logging(log_dir, name, verbose)

@@ -6,7 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..errors import InputError
 from ..pipelines.convert import ConvertOptions, convert, parse_precisions
+from ..pipelines.torch_engine import TorchEngineOptions, build_torch_engine
 from ..precisions import PRECISIONS
 from ..quant.modes import QUANT_MODES
 from .common import ArgumentParser, run_cli
@@ -40,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--opt-level", type=int, default=5, choices=range(0, 6))
     build.add_argument("--max-aux-streams", type=int, default=4)
     build.add_argument("--no-simplify", action="store_true", help="skip ONNX simplification")
-    build.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
+    build.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx", "torch"),
+                       help="TensorRT flavour (auto: tensorrt when importable, else tensorrt-rtx), or torch: a "
+                            "compiled PyTorch engine <stem>_<precision>.torchcache (no ONNX; fp32/bf16/fp16)")
+    build.add_argument("--device", default="auto", help="--backend torch: device to compile for (auto, cuda, cpu)")
     build.add_argument("--compute-capability", dest="compute_capabilities", action="append", default=[],
                        help="TensorRT-RTX target, e.g. 8.9 or 12.0 (repeatable; default: portable)")
     build.add_argument("--skip-build", action="store_true", help="stop after the final ONNX graph")
@@ -55,10 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_torch(args: argparse.Namespace) -> int:
+    if args.export or args.onnx_in or args.all_precisions or args.quant_mode != "none":
+        raise InputError("--backend torch compiles the PyTorch model directly: drop --export/--onnx-in/"
+                         "--all-precisions/--quant-mode")
+    report = build_torch_engine(TorchEngineOptions(
+        output_dir=args.output_dir, num_cams=args.num_cams, height=args.height, width=args.width,
+        pcd_only=args.pcd_only, model_name=args.model_name, weights=args.weights, random_init=args.random_init,
+        seed=args.seed, precision=args.precision, device=args.device))
+    logging.getLogger("vggt_to_trt").info("%s %s: %s", report["stem"], report["precision"], report["path"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def job() -> int:
+        if args.backend == "torch":
+            return build_torch(args)
         opts = ConvertOptions(
             output_dir=args.output_dir, export=args.export, onnx_in=args.onnx_in, num_cams=args.num_cams,
             height=args.height, width=args.width, pcd_only=args.pcd_only, model_name=args.model_name,

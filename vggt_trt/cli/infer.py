@@ -15,11 +15,12 @@ from ..accuracy import compare_outputs
 from ..atomic import atomic_path, write_json_atomic
 from ..errors import InputError, VggtTrtError
 from ..recon.preprocess import list_images, load_and_preprocess_images, preprocess_to_shape, readable_images
+from ..model.compiled import ARTIFACT_SUFFIX
 from ..runtime.base import Runner, TensorMeta, random_feeds
 from ..runtime.benchmark import benchmark
 from ..runtime.factory import make_runner
 from ..runtime.torch_runner import TorchRunner
-from .common import ArgumentParser, run_cli
+from .common import ArgumentParser, add_compile_arguments, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ def runner_from_args(args: argparse.Namespace, which: str | None = None) -> Runn
     if which == "engine":
         if not args.engine:
             raise InputError("--compare engine needs --engine PATH")
+        if Path(args.engine).suffix == ARTIFACT_SUFFIX:
+            return TorchRunner.from_compile_cache(args.engine, device=args.device, weights=args.weights,
+                                                  frames_chunk_size=args.frames_chunk_size)
         return make_runner(args.engine, "engine", trt_backend=args.trt_backend)
     if which == "onnx":
         if not args.onnx:
@@ -43,7 +47,8 @@ def runner_from_args(args: argparse.Namespace, which: str | None = None) -> Runn
         providers = [p.strip() for p in args.ort_providers.split(",")] if args.ort_providers else None
         return make_runner(args.onnx, "onnx", providers=providers, opt_level=args.ort_opt_level)
     return TorchRunner(model_name=args.model_name, weights=args.weights, precision=args.precision,
-                       device=args.device, random_init=args.random_init, seed=args.seed)
+                       device=args.device, random_init=args.random_init, seed=args.seed, compile=args.compile,
+                       compile_cache=args.compile_cache, frames_chunk_size=args.frames_chunk_size)
 
 
 def compare_runner(args: argparse.Namespace) -> Runner:
@@ -194,7 +199,8 @@ def format_benchmark(res: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="trt_inference.py", description=DESCRIPTION)
     model = p.add_argument_group("model (one of)")
-    model.add_argument("--engine", help="serialised TensorRT / TensorRT-RTX engine (.engine)")
+    model.add_argument("--engine", help="serialised TensorRT / TensorRT-RTX engine (.engine), or a compiled "
+                                        "PyTorch engine (.torchcache from vggt_to_trt.py --backend torch)")
     model.add_argument("--onnx", help="ONNX graph, run with ONNX Runtime")
     model.add_argument("--torch", action="store_true", help="our PyTorch VGGT (see --model-name)")
     model.add_argument("--engines-dir", help="benchmark every .engine under this folder and rank them")
@@ -205,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--precision", default="fp32",
                     choices=("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16"))
     tm.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1")
+    add_compile_arguments(tm)
     rt = p.add_argument_group("runtimes")
     rt.add_argument("--trt-backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
     rt.add_argument("--ort-providers", help="comma list: cpu, cuda, tensorrt (default: cuda if available, else cpu)")

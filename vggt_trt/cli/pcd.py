@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..pipelines.live import LiveOptions, run_live
 from ..pipelines.pcd import PcdOptions, run_pcd
-from .common import ArgumentParser, run_cli
+from .common import ArgumentParser, add_compile_arguments, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--frame", type=int, default=0, help="frame index within each camera folder (default 0)")
     src.add_argument("--seed", type=int, default=0)
     model = p.add_argument_group("model (one of)")
-    model.add_argument("--vggt-engine", type=Path, help="TensorRT / TensorRT-RTX engine")
+    model.add_argument("--vggt-engine", type=Path, help="TensorRT / TensorRT-RTX engine, or a compiled PyTorch "
+                                                        "engine (.torchcache from vggt_to_trt.py --backend torch)")
     model.add_argument("--onnx", type=Path, help="ONNX graph, run with ONNX Runtime")
     model.add_argument("--torch", action="store_true", help="our PyTorch VGGT (default when no file is given)")
     model.add_argument("--model-name", default="facebook/VGGT-1B", help="preset (tiny, vggt-1b), hub id or dir")
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--precision", default="fp32",
                        choices=("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16"))
     model.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
+    add_compile_arguments(model)
     model.add_argument("--trt-backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
     cams = p.add_argument_group("known cameras")
     cams.add_argument("--intrinsics", type=Path, help="known intrinsics (.json/.yaml/.npz), source pixels")
@@ -101,6 +103,7 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
         stall_timeout=args.stall_timeout, backend=backend, model_path=args.vggt_engine or args.onnx,
         model_name=args.model_name, weights=args.weights, precision=args.precision, device=args.device,
         random_init=args.random_init, trt_backend=args.trt_backend, target_size=args.target_size,
+        compile=args.compile, compile_cache=args.compile_cache, frames_chunk_size=args.frames_chunk_size,
         vggt_every=args.vggt_every, depth_model=args.depth_model, depth_engine_dir=args.depth_engine_dir,
         depth_backend=args.depth_backend, depth_workers=args.depth_workers, depth_precision=args.depth_precision,
         depth_random_init=args.depth_random_init, depth_allow_download=args.depth_allow_download,
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     opts = PcdOptions(
         images=args.images, out_dir=args.out_dir, backend=backend, model_path=args.vggt_engine or args.onnx,
         model_name=args.model_name, weights=args.weights, precision=args.precision, device=args.device,
-        random_init=args.random_init, trt_backend=args.trt_backend,
+        random_init=args.random_init, trt_backend=args.trt_backend, compile=args.compile,
+        compile_cache=args.compile_cache, frames_chunk_size=args.frames_chunk_size,
         views=[v.strip() for v in args.views.split(",") if v.strip()] if args.views else None,
         random_views=args.random_views, num_cams=args.num_cams, frame=args.frame, seed=args.seed,
         intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,

@@ -21,13 +21,13 @@ import logging
 import os
 import struct
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..atomic import write_bytes_atomic
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ def compile_regions(model: nn.Module, mode: str = "default") -> list[str]:
     return compiled
 
 
-def _device_facts(device: torch.device) -> dict[str, Any]:
+def _device_facts(device: Any) -> dict[str, Any]:
+    import torch
+
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return {"device": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}",
@@ -80,6 +82,8 @@ def architecture_hash(model: nn.Module) -> str:
 def compile_key(model: nn.Module, precision: str, input_shape: Sequence[int], outputs: Sequence[str],
                 mode: str = "default") -> dict[str, Any]:
     """Everything the compiled kernels of ``model`` depend on."""
+    import torch
+
     try:
         import triton
 
@@ -103,6 +107,8 @@ def key_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str
 
 def write_compile_cache(path: str | os.PathLike, key: dict[str, Any], info: dict[str, Any] | None = None) -> int:
     """Write this process's compile caches to ``path`` (atomically) under a header with ``key``; returns bytes."""
+    import torch
+
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None:
         raise InputError("torch.compiler produced no cache artifacts: run the compiled model once before saving")
@@ -143,6 +149,8 @@ def load_compile_cache(path: str | os.PathLike, expected_key: dict[str, Any]) ->
         raise CompileCacheMismatch(
             f"compile cache {path} was made for another setup ({'; '.join(diffs)}); rebuild it with "
             f"`vggt_to_trt.py --backend torch` on this machine, or run without it")
+    import torch
+
     with open(path, "rb") as f:
         f.seek(offset)
         torch.compiler.load_cache_artifacts(f.read())

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..model.compiled import ARTIFACT_SUFFIX
 from ..runtime.ort_runner import OrtRunner
 from ..runtime.torch_runner import TorchRunner
 from ..runtime.trt_runner import TrtRunner
@@ -23,11 +25,19 @@ class VggtModelOptions:
     random_init: bool = False
     trt_backend: str = "auto"
     seed: int = 0
+    compile: bool = False  # regional torch.compile of the PyTorch model
+    compile_cache: Path | None = None  # .torchcache to load (or write after the first call)
+    frames_chunk_size: int | None = 8  # frames per dense-head pass of the PyTorch model
 
     def make_runner(self) -> Any:
+        if self.model_path is not None and Path(self.model_path).suffix == ARTIFACT_SUFFIX:
+            return TorchRunner.from_compile_cache(self.model_path, device=self.device, weights=self.weights,
+                                                  frames_chunk_size=self.frames_chunk_size)
         if self.backend == "engine":
             return TrtRunner(self.model_path, trt_backend=self.trt_backend)
         if self.backend == "onnx":
             return OrtRunner(self.model_path)
         return TorchRunner(model_name=self.model_name, weights=self.weights, precision=self.precision,
-                           device=self.device, random_init=self.random_init, seed=self.seed)
+                           device=self.device, random_init=self.random_init, seed=self.seed,
+                           compile=self.compile, compile_cache=self.compile_cache,
+                           frames_chunk_size=self.frames_chunk_size)

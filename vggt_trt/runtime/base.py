@@ -124,7 +124,8 @@ class Runner:
         if missing or extra:
             raise InputError(f"{self.name}: inputs {sorted(meta)} expected; missing {missing}, unexpected {extra}")
         for name, m in meta.items():
-            shape = tuple(np.shape(feeds[name]))
+            value = feeds[name]
+            shape = tuple(value.shape) if hasattr(value, "shape") else tuple(np.shape(value))
             if len(shape) != len(m.shape) or any(d is not None and d != s for d, s in zip(m.shape, shape)):
                 raise InputError(f"{self.name}: input {name!r} has shape {list(shape)}, expected {list(m.shape)} "
                                  "(None = any size)")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..model.compiled import ARTIFACT_SUFFIX
 from .base import Runner
 from .ort_runner import OrtRunner
 from .torch_runner import TorchRunner
@@ -16,7 +17,8 @@ BACKENDS = ("auto", "engine", "onnx", "torch")
 
 
 def make_runner(path_or_spec: str | os.PathLike | None, backend: str = "auto", **kwargs: Any) -> Runner:
-    """A runner for an ``.engine``/``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime) or a torch model name.
+    """A runner for an ``.engine``/``.plan`` (TensorRT), ``.onnx`` (ONNX Runtime), a ``.torchcache``
+    compiled PyTorch engine, or a torch model name.
 
     ``backend="auto"`` picks by file suffix; a non-file argument (or ``backend="torch"``) is a model
     preset/hub id for :class:`TorchRunner`. ``kwargs`` go to the runner's constructor.
@@ -27,8 +29,10 @@ def make_runner(path_or_spec: str | os.PathLike | None, backend: str = "auto", *
     suffix = Path(text).suffix.lower()
     if backend == "auto":
         backend = {".engine": "engine", ".plan": "engine", ".trt": "engine", ".onnx": "onnx"}.get(suffix, "torch")
+        if suffix == ARTIFACT_SUFFIX:
+            return TorchRunner.from_compile_cache(text, **kwargs)
         if backend == "torch" and Path(text).is_file():
-            raise InputError(f"cannot tell the backend of {text}: expected .engine/.plan or .onnx")
+            raise InputError(f"cannot tell the backend of {text}: expected .engine/.plan, .onnx or {ARTIFACT_SUFFIX}")
     if backend == "engine":
         return TrtRunner(text, **kwargs)
     if backend == "onnx":
