@@ -140,3 +140,42 @@ def test_live_viewer_served_points_grow() -> None:
         assert stats["served_cameras"] == 2 and stats["error"] is None and stats["published"] == 6
         with pytest.raises(InputError, match="both be"):
             live.publish_map(np.zeros((4, 3)), np.zeros((5, 3)))
+
+
+def test_cli_rejects_bad_folders_and_budgets(tmp_path: Path) -> None:
+    from vggt_trt.cli.view import build_parser, main
+
+    args = build_parser().parse_args([str(tmp_path)])
+    assert args.host == "127.0.0.1" and args.port == 8080 and args.max_points == 1_000_000
+    assert build_parser().parse_args([str(tmp_path), "--max_points", "5"]).max_points == 5  # hidden alias
+    assert main([str(tmp_path / "nowhere"), "--port", "0"]) == 2
+    assert main([str(make_output_folder(tmp_path / "out")), "--max-points", "0"]) == 2
+
+
+def test_cli_serves_the_folder_on_localhost_until_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import re
+    import signal
+    import subprocess
+    import urllib.request
+
+    root = make_output_folder(tmp_path / "out")
+    proc = subprocess.Popen([sys.executable, "-m", "vggt_trt.view", str(root), "--port", "0", "--max-points", "100"],
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url, lines = None, []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+            url = url or (m.group(1) if (m := re.search(r"viewer at (http://\S+)", line)) else None)
+        assert url and url.startswith("http://127.0.0.1:"), lines
+        assert "100 points, 3 cameras" in lines[-1]
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
