@@ -179,3 +179,17 @@ def test_cli_serves_the_folder_on_localhost_until_ctrl_c(tmp_path: Path) -> None
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_live_subsample_of_tensors_matches_numpy() -> None:
+    import torch
+
+    from vggt_trt.view.live import LiveViewer
+
+    with LiveViewer(port=0, max_points=700) as live:
+        pts = torch.arange(3000 * 3, dtype=torch.float32).reshape(3000, 3)
+        live.publish_map(pts, torch.zeros(3000, 3, dtype=torch.uint8))
+        pts.zero_()  # the caller may reuse its buffers at once
+        assert live.wait_idle(10)
+        expected = np.arange(3000 * 3, dtype=np.float32).reshape(3000, 3)[subsample_indices(3000, 700)]
+        assert live.stats()["served_points"] == 700 and np.array_equal(live.cloud.points, expected)

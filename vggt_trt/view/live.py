@@ -78,14 +78,19 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _take_rows(x: Any, budget: int) -> Any:
-    """At most ``budget`` evenly spread rows as a new array/tensor on the input's device (never a view)."""
-    n = int(x.shape[0])
-    idx = subsample_indices(n, budget)
-    if hasattr(x, "detach"):
-        import torch
+    """At most ``budget`` evenly spread rows as a new array/tensor on the input's device (never a view).
 
-        return x.detach().index_select(0, torch.as_tensor(idx, device=x.device))
-    return np.asarray(x)[idx]
+    Tensors are indexed on their own device with indices made there, so nothing waits for a GPU.
+    """
+    n = int(x.shape[0])
+    if not hasattr(x, "detach"):
+        return np.asarray(x)[subsample_indices(n, budget)]
+    if n <= budget:
+        return x.detach().clone()
+    import torch
+
+    idx = torch.linspace(0, n - 1, budget, device=x.device, dtype=torch.float64).round().long()
+    return x.detach().index_select(0, idx)
 
 
 def _colours_uint8(rgb: np.ndarray) -> np.ndarray:
@@ -113,6 +118,7 @@ class LiveViewer:
         self._cams_text = gui.add_markdown("**Cameras:** 0")
         self._points_text = gui.add_markdown("**Points:** 0")
         self._frusta: list[Any] = []
+        self.cloud: Any = None  # the served point cloud's viser handle
         self._thread = threading.Thread(target=self._serve, name="vggt-trt-live-viewer", daemon=True)
         self._thread.start()
 
@@ -121,7 +127,10 @@ class LiveViewer:
         return int(self.server.get_port())
 
     def publish_map(self, points: Any, colors: Any) -> None:
-        """Show this map (``[N, 3]`` points, ``[N, 3]`` uint8 or [0, 1] colours; numpy or torch)."""
+        """Show this map: ``[N, 3]`` points and ``[N, 3]`` colours (uint8, or float in [0, 1]); numpy or torch.
+
+        At most ``max_points`` evenly spread rows are copied (on the tensors' device); the call returns then.
+        """
         if points.shape[-1:] != (3,) or colors.shape != points.shape:
             raise InputError(f"publish_map: points and colors must both be [N, 3], found {list(points.shape)} "
                              f"and {list(colors.shape)}")
@@ -158,7 +167,7 @@ class LiveViewer:
                     xyz = _to_numpy(items["map"][0]).astype(np.float32)
                     rgb = _colours_uint8(_to_numpy(items["map"][1]))
                     extent = scene_extent(xyz, np.zeros((0, 3)))
-                    self.server.scene.add_point_cloud("/map", xyz, rgb, point_size=self.point_size or extent * 2e-3,
+                    self.cloud = self.server.scene.add_point_cloud("/map", xyz, rgb, point_size=self.point_size or extent * 2e-3,
                                                       point_shape="rounded", precision="float32")
                     self.served_points = int(xyz.shape[0])
                     self._points_text.content = f"**Points:** {self.served_points:,}"
