@@ -6,7 +6,7 @@ points; six cameras on an arc look into it, and each camera's image is the point
 (z-buffered splats), so the frusta carry matching thumbnails. Low-confidence stray points surround the
 room, as in real reconstructions. Needs requirements-view.txt, playwright and the system Chromium.
 
-    python docs/viewer_scene.py --out-dir /tmp/room --png docs/viewer.png
+    PYTHONPATH=. python docs/viewer_scene.py --out-dir /tmp/room --png docs/viewer.png
 """
 
 from __future__ import annotations
@@ -84,8 +84,10 @@ def ball(rng, n, centre, radius, colour):
 
 def room(rng):
     parts = [
-        plane(rng, 160_000, np.array([-3, 1.2, -1.0]), np.array([6, 0, 0]), np.array([0, 0, 7]), np.array([0, -1, 0]), wood),
-        plane(rng, 90_000, np.array([-3, 1.2, 6]), np.array([6, 0, 0]), np.array([0, -2.8, 0]), np.array([0, 0, -1]), brick),
+        plane(rng, 160_000, np.array([-3, 1.2, -1.0]), np.array([6, 0, 0]), np.array([0, 0, 7]),
+              np.array([0, -1, 0]), wood),
+        plane(rng, 90_000, np.array([-3, 1.2, 6]), np.array([6, 0, 0]), np.array([0, -2.8, 0]),
+              np.array([0, 0, -1]), brick),
         plane(rng, 70_000, np.array([-3, 1.2, -1.0]), np.array([0, 0, 7]), np.array([0, -2.8, 0]), np.array([1, 0, 0]),
               plaster(np.array([0.86, 0.84, 0.74]))),
         plane(rng, 70_000, np.array([3, 1.2, -1.0]), np.array([0, 0, 7]), np.array([0, -2.8, 0]), np.array([-1, 0, 0]),

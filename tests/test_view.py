@@ -133,8 +133,8 @@ def test_live_viewer_served_points_grow() -> None:
             assert live.wait_idle(10)
             served.append(live.stats()["served_points"])
         assert served == [800, 1600, 2400, 3000, 3000]  # the last two hit the budget
-        live.set_cameras(np.tile(np.eye(4)[:3], (2, 1, 1)), np.tile(np.eye(3) * 50 + [[0, 0, 28], [0, 0, 21], [0, 0, 0]],
-                                                                      (2, 1, 1)), ["a", "b"], [True, False])
+        k = np.array([[50.0, 0, 28], [0, 50, 21], [0, 0, 1]])
+        live.set_cameras(np.tile(np.eye(4)[:3], (2, 1, 1)), np.stack([k, k]), ["a", "b"], [True, False])
         assert live.wait_idle(10)
         stats = live.stats()
         assert stats["served_cameras"] == 2 and stats["error"] is None and stats["published"] == 6

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("viser", reason="the viewer needs viser: pip install -r requirements-view.txt")
-playwright_api = pytest.importorskip("playwright.sync_api", reason="browser test needs playwright (requirements-dev.txt)")
+playwright_api = pytest.importorskip("playwright.sync_api",
+                                     reason="browser test needs playwright (requirements-dev.txt)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no system Chromium (Debian: apt-get install chromium)")
 

@@ -167,8 +167,9 @@ class LiveViewer:
                     xyz = _to_numpy(items["map"][0]).astype(np.float32)
                     rgb = _colours_uint8(_to_numpy(items["map"][1]))
                     extent = scene_extent(xyz, np.zeros((0, 3)))
-                    self.cloud = self.server.scene.add_point_cloud("/map", xyz, rgb, point_size=self.point_size or extent * 2e-3,
-                                                      point_shape="rounded", precision="float32")
+                    size = self.point_size or extent * 2e-3
+                    self.cloud = self.server.scene.add_point_cloud("/map", xyz, rgb, point_size=size,
+                                                                   point_shape="rounded", precision="float32")
                     self.served_points = int(xyz.shape[0])
                     self._points_text.content = f"**Points:** {self.served_points:,}"
                 if "cameras" in items:
