@@ -148,6 +148,13 @@ def test_cli_rejects_bad_folders_and_budgets(tmp_path: Path) -> None:
     args = build_parser().parse_args([str(tmp_path)])
     assert args.host == "127.0.0.1" and args.port == 8080 and args.max_points == 1_000_000
     assert build_parser().parse_args([str(tmp_path), "--max_points", "5"]).max_points == 5  # hidden alias
+    import argparse
+
+    from vggt_trt.cli.view import add_viewer_address
+
+    other = argparse.ArgumentParser()
+    add_viewer_address(other, "viewer-")  # what pcd_inference.py --viewer will use
+    assert vars(other.parse_args(["--viewer-port", "9000"])) == {"viewer_host": "127.0.0.1", "viewer_port": 9000}
     assert main([str(tmp_path / "nowhere"), "--port", "0"]) == 2
     assert main([str(make_output_folder(tmp_path / "out")), "--max-points", "0"]) == 2
 
