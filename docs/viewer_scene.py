@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vggt_trt.pointcloud import write_cameras_json, write_ply
+from vggt_trt.recon.pointcloud import write_cameras_json, write_ply
 
 H, W, F = 294, 392, 300.0
 LIGHT = np.array([0.3, -1.0, -0.4]) / np.linalg.norm([0.3, -1.0, -0.4])  # OpenCV: y points down

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vggt_trt.errors import InputError, MissingDependencyError
-from vggt_trt.pointcloud import write_cameras_json, write_ply
+from vggt_trt.recon.pointcloud import write_cameras_json, write_ply
 from vggt_trt.view.live import Mailbox
 from vggt_trt.view.scene import load_scene, subsample_indices
 
@@ -200,3 +200,35 @@ def test_live_subsample_of_tensors_matches_numpy() -> None:
         assert live.wait_idle(10)
         expected = np.arange(3000 * 3, dtype=np.float32).reshape(3000, 3)[subsample_indices(3000, 700)]
         assert live.stats()["served_points"] == 700 and np.array_equal(live.cloud.points, expected)
+
+
+def test_pcd_inference_viewer_serves_the_result_until_ctrl_c(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from test_pcd_inference import CLI, make_pku_scene
+
+    scene = make_pku_scene(tmp_path / "scene")
+    assert CLI.main(["--source", "videos", "--videos", str(scene), "--viewer", "--out-dir", str(tmp_path / "v")]) == 2
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "pcd_inference.py"), "--images", str(scene), "--torch",
+                             "--model-name", "tiny", "--num-cams", "4", "--out-dir", str(tmp_path / "out"),
+                             "--viewer", "--viewer-port", "0"], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("viewer: "):
+                break
+        assert lines and lines[-1].startswith("viewer: http://127.0.0.1:"), lines
+        assert (tmp_path / "out" / "points.ply").is_file()  # written before anything is served
+        with urllib.request.urlopen(lines[-1].split()[1], timeout=10) as page:
+            assert page.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

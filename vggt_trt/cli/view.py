@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli_common import add_bool_aliases, run_cli
+from .common import ArgumentParser, run_cli
 
 
 def add_viewer_address(parser: Any, prefix: str = "") -> None:
@@ -24,13 +24,12 @@ def add_viewer_address(parser: Any, prefix: str = "") -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ..view.scene import DEFAULT_MAX_POINTS
 
-    p = argparse.ArgumentParser(prog="vggt-view", description=__doc__)
+    p = ArgumentParser(prog="vggt-view", description=__doc__)
     p.add_argument("out_dir", type=Path, help="output folder of pcd_inference.py (points.ply, cameras.json, ...)")
     p.add_argument("--max-points", type=int, default=DEFAULT_MAX_POINTS,
                    help=f"most points sent to the browser, evenly spread (default {DEFAULT_MAX_POINTS:,})")
     add_viewer_address(p)
     p.add_argument("--verbose", action="store_true")
-    add_bool_aliases(p)
     return p
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..pointcloud import read_cameras_json, read_ply
+from ..recon.pointcloud import read_cameras_json, read_ply
 
 logger = logging.getLogger(__name__)
 
