@@ -9,7 +9,7 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
-NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "modelopt", "polygraphy")
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "modelopt", "polygraphy", "websockets")
 
 
 def quiet_third_party() -> None:

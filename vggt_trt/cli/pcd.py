@@ -8,7 +8,9 @@ from pathlib import Path
 from ..errors import InputError
 from ..pipelines.live import LiveOptions, run_live
 from ..pipelines.pcd import PcdOptions, run_pcd
+from ..view.server import require_viser, serve_output_folder, wait_until_interrupted
 from .common import ArgumentParser, add_compile_arguments, run_cli
+from .view import add_viewer_address
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
                      help="write the preprocessed views to out_dir/images (what the COLMAP model describes)")
     out.add_argument("--log-dir", type=Path, default=None, help="also log to a file here")
+    view = p.add_argument_group("viewer (pip install -r requirements-view.txt)")
+    view.add_argument("--viewer", action="store_true",
+                      help="--source images: serve the result in the browser after the run, until Ctrl-C")
+    add_viewer_address(view, "viewer-")
     p.add_argument("-v", "--verbose", action="store_true")
     add_live_arguments(p)
     return p
@@ -117,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     given = [n for n, v in (("--vggt-engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
     if len(given) > 1:
         raise InputError(f"give one model: {' and '.join(given)} both given")
+    if args.viewer and args.source != "images":
+        raise InputError("--viewer serves --source images results; the live sources do not publish to it yet")
+    if args.viewer:
+        require_viser()
     if args.source != "images":
         s = run_live(options_from_args(args))
         print(f"{s['batches']} batches from {len(s['source']['cameras'])} cameras -> map of {s['map']['voxels']} "
@@ -149,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"aligned to known poses: scale {summary['alignment']['scale']:.4g}, "
               f"residual RMS {summary['alignment']['residual_rms']:.4g}")
     print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    if args.viewer:
+        view = serve_output_folder(args.out_dir, args.viewer_host, args.viewer_port)
+        print(f"viewer: http://{args.viewer_host}:{view.server.get_port()} (Ctrl-C stops it)", flush=True)
+        wait_until_interrupted(view.server)
     return 0
 
 
