@@ -24,23 +24,26 @@ def exporting() -> bool:
     )
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or exporting()
-
-
-def shape_constant(key: Hashable, build: Callable[[], Any]) -> Any:
-    """``build()`` memoised per key in eager mode; rebuilt while tracing so graphs record it.
-
-    For shape-only constants (RoPE tables, pos-embeds) that would otherwise be rebuilt on the
-    host and copied to the device on every forward.
-    """
-    if _tracing():
-        return build()
+@torch.compiler.disable
+def _cached(key: Hashable, build: Callable[[], Any]) -> Any:
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_LIMIT:
             _CACHE.clear()
         _CACHE[key] = build()
     return _CACHE[key]
+
+
+def shape_constant(key: Hashable, build: Callable[[], Any]) -> Any:
+    """``build()`` memoised per key; rebuilt while exporting so graphs record it as constants.
+
+    For shape-only constants (RoPE tables, pos-embeds) that would otherwise be rebuilt on the host
+    and copied to the device on every forward. Under ``torch.compile`` the lookup runs eagerly (a
+    graph break), so the compiled graph takes the cached device tensor as an input: host constants
+    would put CPU kernels and a host-to-device copy into it and keep it out of the compile caches.
+    """
+    if exporting():
+        return build()
+    return _cached(key, build)
 
 
 class Mlp(nn.Module):
