@@ -13,7 +13,8 @@ pytest.importorskip("transformers", reason="Depth Anything needs transformers (r
 
 from helpers import ReplayCapture, load_script, make_videos, replay_factory, replay_frames  # noqa: E402
 
-from vggt_trt.pipelines.live import LiveOptions, VoxelMap, fit_scale_shift, frames_to_input, run_live  # noqa: E402
+from vggt_trt.pipelines.live import LiveOptions, VoxelMap, fit_scale_shift, run_live  # noqa: E402
+from vggt_trt.recon.frames import frames_to_model_input  # noqa: E402
 from vggt_trt.recon.pointcloud import read_ply  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,12 +52,14 @@ def test_voxel_map_merges_and_stays_bounded() -> None:
     assert vm.out_of_range == 1
 
 
-def test_frames_to_input_crops_to_aspect_and_maps_pixels() -> None:
+def test_frames_to_model_input_crops_to_aspect_and_maps_pixels() -> None:
+    import torch
+
     frame = np.zeros((48, 64, 3), np.uint8)
     frame[:, 32:] = 255  # right half white
-    img, maps = frames_to_input([frame], 42, 42)
+    img, crops = frames_to_model_input(torch.from_numpy(frame)[None], 42, 42)
     assert img.shape == (1, 3, 42, 42) and img.max() <= 1
-    (ax, ay), (bx, by) = maps[0]
+    (ax, ay), (bx, by) = crops[0].pixel_map
     assert ax == pytest.approx(42 / 48) and bx == pytest.approx(-8 * 42 / 48) and by == 0
     assert img[0, 0, :, 30].mean() == pytest.approx(1.0) and img[0, 0, :, 10].mean() == 0
 
@@ -76,7 +79,8 @@ def test_videos_live_run_calibrates_fuses_and_reuses(videos: Path, tmp_path: Pat
     assert len(growth) == 4 and growth == sorted(growth) and growth[-1] > growth[0] > 0
     for stage in ("read", "preprocess", "vggt", "depth", "fit", "unproject", "fuse"):
         assert s["latency_ms"][stage]["n"] >= 1, stage
-    assert [r["batch"] for r in s["vggt"]["runs"]] == [0, 2] and s["depth"]["workers"] == 3
+    # the refresh at batch 2 ran beside the loop and was applied; one batched Depth Anything forward per batch
+    assert [r["batch"] for r in s["vggt"]["runs"]] == [0, 2] and s["depth"]["workers"] == 1
     doc = json.loads(calib.read_text())
     assert doc["input_hw"] == [42, 56] and set(doc["cameras"]) == {"cam00", "cam01", "cam02"}
     fitted = {n: c for n, c in doc["cameras"].items() if c["scale"] is not None}
@@ -145,3 +149,107 @@ def test_voxel_map_same_result_from_numpy_and_torch_inputs() -> None:
         np.testing.assert_array_equal(x, y)
     xyz, _, count = a.points()
     assert count.sum() <= 5000 and np.isfinite(xyz).all()
+
+
+def test_batched_depth_equals_per_image_depth() -> None:
+    import torch
+
+    from vggt_trt.pipelines.depth_anything import DepthPool, depth_runner_factory
+
+    images = torch.rand(5, 3, 42, 56, generator=torch.Generator().manual_seed(0))
+    with DepthPool(depth_runner_factory("tiny", random_init=True, device="cpu"), workers=1) as pool:
+        batched = pool.infer(images)
+        single = torch.cat([pool.infer(images[i:i + 1]) for i in range(len(images))])
+        host = pool.infer(images.numpy())
+    assert isinstance(batched, torch.Tensor) and batched.shape == (5, 42, 56)
+    assert float((batched - single).norm() / single.norm()) <= 1e-5
+    np.testing.assert_array_equal(host, batched.numpy())
+
+
+def test_live_map_equals_the_batches_fused_one_by_one(tmp_path: Path) -> None:
+    """The map the loop fuses on its device equals the per-batch clouds it wrote, fused in order the old way."""
+    caps = {f"cam{i}": ReplayCapture(replay_frames(i)) for i in range(3)}
+    from vggt_trt.pipelines.sources import CameraSpec
+
+    cams = [CameraSpec(n, i, live=False) for i, n in enumerate(caps)]
+    opts = LiveOptions(source="webcams", out_dir=tmp_path / "out", model_name="tiny", depth_model="tiny",
+                       depth_random_init=True, max_batches=4, voxel_size=0.05, conf_percentile=0.0)
+    s = run_live(opts, cameras=cams, capture_factory=replay_factory(caps))
+    batches = [read_ply(p) for p in s["files"]["batches"]]
+    assert len(batches) == 4 and all(len(b["xyz"]) for b in batches)
+    old = VoxelMap(s["map"]["voxel_size"], max_voxels=opts.max_voxels)
+    for i, b in enumerate(batches):
+        old.insert(b["xyz"], b["rgb"], i)
+    final = read_ply(tmp_path / "out" / "map.ply")
+    xyz, rgb, _ = old.points()
+    assert len(old) == s["map"]["voxels"] == len(final["xyz"])
+    np.testing.assert_allclose(final["xyz"], xyz, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(final["rgb"], rgb)
+
+
+def test_batched_unprojection_equals_the_per_camera_loop() -> None:
+    import torch
+
+    from vggt_trt.pipelines.live import CameraCalib, LiveSession
+    from vggt_trt.recon import geometry as geo
+    from vggt_trt.recon.pointcloud import colors_from_images
+
+    rng = np.random.default_rng(1)
+    names = ["a", "b", "c"]
+    session = LiveSession.__new__(LiveSession)
+    session.o = LiveOptions(source="webcams", out_dir=Path("unused"), pixel_stride=2)
+    session.st = type("S", (), {"calibs": {}})()
+    for i, n in enumerate(names[:2]):  # camera "c" has no fit yet: it must be left out
+        extr = np.concatenate([np.eye(3), rng.normal(size=(3, 1))], 1)
+        intr = np.array([[30.0, 0, 28], [0, 30, 21], [0, 0, 1]])
+        session.st.calibs[n] = CameraCalib(scale=0.5 + i, shift=0.1, max_depth=4.0 if i else None,
+                                           extrinsic=extr.tolist(), intrinsic=intr.tolist())
+    images = torch.rand(3, 3, 42, 56, generator=torch.Generator().manual_seed(2))
+    disp = torch.rand(3, 42, 56, generator=torch.Generator().manual_seed(3)) * 2
+    xyz, rgb = session._points(names, images, disp)
+    ref_xyz, ref_rgb = [], []
+    colours = colors_from_images(images)
+    for i, n in enumerate(names[:2]):  # the pre-batching loop, one camera at a time
+        c = session.st.calibs[n]
+        inv = c.scale * disp[i] + c.shift
+        depth = torch.where(inv > 1e-6, 1.0 / inv.clamp(min=1e-6), torch.full_like(inv, float("nan")))
+        if c.max_depth:
+            depth = torch.where(depth > c.max_depth, torch.full_like(depth, float("nan")), depth)
+        world = geo.unproject_depth_map_to_point_map(depth[None], torch.tensor(c.extrinsic, dtype=torch.float32)[None],
+                                                     torch.tensor(c.intrinsic, dtype=torch.float32)[None])[0]
+        world, col = world[::2, ::2].reshape(-1, 3), colours[i, ::2, ::2].reshape(-1, 3)
+        ok = torch.isfinite(world).all(dim=1)
+        ref_xyz.append(world[ok])
+        ref_rgb.append(col[ok])
+    assert torch.equal(xyz, torch.cat(ref_xyz)) and torch.equal(rgb, torch.cat(ref_rgb))
+    assert len(xyz) < 2 * 21 * 28  # the max-depth cut of camera "b" removed points
+
+
+def test_a_camera_that_stalls_mid_run_is_dropped_by_name_and_the_loop_goes_on(tmp_path: Path) -> None:
+    from vggt_trt.pipelines.sources import CameraSpec
+
+    caps = {"left": ReplayCapture(replay_frames(0)), "mid": ReplayCapture(replay_frames(1), stall_after=2),
+            "right": ReplayCapture(replay_frames(2))}
+    cams = [CameraSpec(n, i, live=False) for i, n in enumerate(caps)]
+    opts = LiveOptions(source="webcams", out_dir=tmp_path / "out", model_name="tiny", depth_model="tiny",
+                       depth_random_init=True, max_batches=5, min_cams=2, stall_timeout=1.0, save_batches=False)
+    s = run_live(opts, cameras=cams, capture_factory=replay_factory(caps))
+    assert s["batches"] == 5
+    assert [(e["camera"], e["event"]) for e in s["source"]["events"]] == [("mid", "stalled")]
+    assert s["source"]["active"] == ["left", "right"] and s["map"]["voxels"] > 0
+    assert s["latency_ms"]["batch"]["n"] == 5 and s["memory_mib"]["end"]["host_rss_mib"] > 0
+
+
+def test_prefetcher_hands_errors_to_the_consumer_and_stops() -> None:
+    from vggt_trt.pipelines.background import Prefetcher
+
+    def items():
+        yield 1
+        yield 2
+        raise OSError("camera unplugged")
+
+    got = []
+    with pytest.raises(OSError, match="unplugged"), Prefetcher(items(), lambda x: x * 10, depth=1) as batches:
+        for item, prepared in batches:
+            got.append((item, prepared))
+    assert got == [(1, 10), (2, 20)]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from ..errors import InputError
 from ..pipelines.live import LiveOptions, run_live
 from ..pipelines.pcd import PcdOptions, run_pcd
+from ..view.live import LiveViewer
 from ..view.server import require_viser, serve_output_folder, wait_until_interrupted
 from .common import ArgumentParser, add_compile_arguments, run_cli
 from .view import add_viewer_address
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log-dir", type=Path, default=None, help="also log to a file here")
     view = p.add_argument_group("viewer (pip install -r requirements-view.txt)")
     view.add_argument("--viewer", action="store_true",
-                      help="--source images: serve the result in the browser after the run, until Ctrl-C")
+                      help="--source images: serve the result in the browser after the run, until Ctrl-C; "
+                           "videos/webcams: the growing map, updated every batch while the loop runs")
     add_viewer_address(view, "viewer-")
     p.add_argument("-v", "--verbose", action="store_true")
     add_live_arguments(p)
@@ -83,7 +86,11 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                    help="hub id (local cache), snapshot dir, or preset tiny / vits (random weights)")
     d.add_argument("--depth-engine-dir", type=Path, help="folder of Depth Anything engines / ONNX graphs")
     d.add_argument("--depth-backend", default="auto", choices=("auto", "engine", "onnx", "torch"))
-    d.add_argument("--depth-workers", type=int, help="Depth Anything workers (default: num_cams)")
+    d.add_argument("--depth-workers", type=int, default=1,
+                   help="Depth Anything runners sharing each batch (default 1: one batched forward, what a GPU "
+                        "wants); more help with several TensorRT contexts/GPUs or per-image engines")
+    d.add_argument("--depth-compile", action="store_true",
+                   help="torch.compile Depth Anything (PyTorch backend; about 20 s once, then faster batches)")
     d.add_argument("--depth-precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     d.add_argument("--depth-random-init", action="store_true", help="seeded random Depth Anything weights")
     d.add_argument("--depth-allow-download", action="store_true", help="let transformers download weights")
@@ -116,19 +123,23 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
         intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,
         per_camera_calib=args.per_camera_calib, initial_map=args.initial_map,
         conf_percentile=args.conf_percentile or 0.0, ema=args.ema, voxel_size=args.voxel_size,
-        max_voxels=args.max_voxels, pixel_stride=args.pixel_stride, save_batches=args.save_batches)
+        max_voxels=args.max_voxels, pixel_stride=args.pixel_stride, save_batches=args.save_batches,
+        depth_compile=args.depth_compile)
 
 
 def run(args: argparse.Namespace) -> int:
     given = [n for n, v in (("--vggt-engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
     if len(given) > 1:
         raise InputError(f"give one model: {' and '.join(given)} both given")
-    if args.viewer and args.source != "images":
-        raise InputError("--viewer serves --source images results; the live sources do not publish to it yet")
     if args.viewer:
         require_viser()
     if args.source != "images":
-        s = run_live(options_from_args(args))
+        opts = options_from_args(args)
+        with contextlib.ExitStack() as stack:
+            if args.viewer:
+                opts.viewer = stack.enter_context(LiveViewer(args.viewer_host, args.viewer_port))
+                print(f"viewer: http://{args.viewer_host}:{opts.viewer.port}", flush=True)
+            s = run_live(opts)
         print(f"{s['batches']} batches from {len(s['source']['cameras'])} cameras -> map of {s['map']['voxels']} "
               f"voxels in {args.out_dir} ({s['batches_per_s'] or 0:.2f} batches/s)")
         for e in s["source"]["events"]:

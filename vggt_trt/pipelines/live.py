@@ -21,9 +21,11 @@ replaces VGGT's intrinsics. ``--initial_map PLY`` seeds the map (in the map fram
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,8 +34,10 @@ import numpy as np
 from ..atomic import write_json_atomic
 from ..errors import InputError
 from ..recon import geometry as geo, rig
+from ..recon.frames import FrameUploader, frames_to_model_input
 from ..recon.pointcloud import colors_from_images, read_ply, write_cameras_json, write_ply
 from ..recon.voxel_map import VoxelMap
+from .background import BackgroundJob, Prefetcher
 from .options import VggtModelOptions
 from .sources import LockstepSource, make_cameras, select_cameras
 
@@ -142,6 +146,7 @@ class LiveOptions(VggtModelOptions):
     depth_precision: str = "fp32"
     depth_random_init: bool = False
     depth_allow_download: bool = False
+    depth_compile: bool = False
     intrinsics: Path | None = None
     poses: Path | None = None
     poses_convention: str | None = None
@@ -153,6 +158,7 @@ class LiveOptions(VggtModelOptions):
     max_voxels: int = 2_000_000
     pixel_stride: int = 1
     save_batches: bool = True
+    viewer: Any = None  # a vggt_trt.view.live.LiveViewer the map is published to after every batch
 
     def validate(self) -> None:
         if self.backend not in ("engine", "onnx", "torch") or (self.backend != "torch" and self.model_path is None):
@@ -165,26 +171,22 @@ class LiveOptions(VggtModelOptions):
             raise InputError(f"--initial_map: file not found: {self.initial_map}")
 
 
-def frames_to_input(frames: Sequence[np.ndarray], h: int, w: int) -> tuple[np.ndarray, list[tuple]]:
-    """RGB uint8 frames -> ``[S, 3, h, w]`` in [0, 1] (centre crop to the aspect, bilinear resize), and per
-    frame the (scale, offset) from source to model pixels for :func:`vggt_trt.recon.rig.map_intrinsics`."""
-    from PIL import Image
-
-    out, maps = np.empty((len(frames), 3, h, w), np.float32), []
-    for i, f in enumerate(frames):
-        fh, fw = f.shape[:2]
-        ch, cw = (fh, fh * w / h) if fw * h > fh * w else (fw * h / w, fw)
-        x0, y0 = (fw - cw) / 2, (fh - ch) / 2
-        img = Image.fromarray(f).resize((w, h), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
-        out[i] = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
-        maps.append(((w / cw, h / ch), (-x0 * w / cw, -y0 * h / ch)))
-    return out, maps
-
-
 def _stats(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, np.float64)
     return {"n": int(a.size), "median": float(np.median(a)), "mean": float(a.mean()),
             "p90": float(np.percentile(a, 90)), "total": float(a.sum())}
+
+
+def memory_use(device: str) -> dict[str, float | None]:
+    """This process's resident host memory and the device memory torch holds, in MiB."""
+    import torch
+
+    try:
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        rss = None
+    gpu = torch.cuda.memory_allocated(device) / 2**20 if device.startswith("cuda") else None
+    return {"host_rss_mib": rss, "gpu_allocated_mib": gpu}
 
 
 def map_device(device: str) -> str:
@@ -209,6 +211,7 @@ class _State:
     timings: dict[str, list[float]] = field(default_factory=dict)
     frames: int = 0
     map_sizes: list[int] = field(default_factory=list)
+    memory: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def lap(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
@@ -233,15 +236,17 @@ class LiveSession:
         self.st = _State([c.name for c in self.cameras])
         self.map: VoxelMap | None = None
         self.map_device = map_device(opts.device)
+        self.viewer = opts.viewer
 
     # -- VGGT reference depth, in the map frame
-    def _vggt(self, names: list[str], images: np.ndarray, maps: list[tuple], batch: int) -> dict[str, Any] | None:
+    def _vggt(self, names: list[str], images: Any, maps: list[tuple], batch: int) -> dict[str, Any] | None:
         meta = self.vggt.input_metadata()[0]
         if meta.shape[0] is not None and meta.shape[0] != len(names):
             logger.info("batch %d: VGGT refresh skipped: the model takes %d views, %d cameras left", batch,
                         meta.shape[0], len(names))
             return None
-        out = self.vggt.infer({meta.name: images})
+        feed = images if self.vggt.backend == "torch" else images.cpu().numpy()
+        out = self.vggt.infer({meta.name: feed})
         out = {k: np.asarray(v) for k, v in out.items()}
         extr, intr = geo.pose_encoding_to_extri_intri(out["pose_enc"][0].astype(np.float64), self.st.hw)
         depth, conf = out["depth"][0, ..., 0].astype(np.float64), out["depth_conf"][0]
@@ -295,32 +300,34 @@ class LiveSession:
             c.median_depth, c.max_depth = float(np.median(good)), float(2.0 * np.percentile(good, 99))
             logger.debug("camera %s: scale %.4g shift %.4g (rms %.3g, %d px)", n, c.scale, c.shift, fit.rms, fit.n)
 
-    def _points(self, names: list[str], images: np.ndarray, disp: np.ndarray) -> tuple[Any, Any]:
-        """World points and colours of every calibrated camera, as torch tensors on the map's device."""
+    def _points(self, names: list[str], images: Any, disp: Any) -> tuple[Any, Any]:
+        """World points and colours of every calibrated camera at once, as tensors on the images' device."""
         import torch
 
-        s, dev = self.o.pixel_stride, self.map_device
-        xyz_all, rgb_all = [], []
-        colours = torch.from_numpy(colors_from_images(images)).to(dev)
-        disp_t = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32)).to(dev)
-        for i, n in enumerate(names):
-            c = self.st.calibs.get(n)
-            if c is None or c.scale is None or c.extrinsic is None:
-                continue
-            inv = c.scale * disp_t[i] + c.shift
-            depth = torch.where(inv > 1e-6, 1.0 / inv.clamp(min=1e-6), torch.full_like(inv, float("nan")))
-            if c.max_depth:
-                depth = torch.where(depth > c.max_depth, torch.full_like(depth, float("nan")), depth)
-            world = geo.unproject_depth_map_to_point_map(
-                depth[None], torch.tensor(c.extrinsic, dtype=torch.float32, device=dev)[None],
-                torch.tensor(c.intrinsic, dtype=torch.float32, device=dev)[None])[0]
-            world, col = world[::s, ::s].reshape(-1, 3), colours[i, ::s, ::s].reshape(-1, 3)
-            ok = torch.isfinite(world).all(dim=1)
-            xyz_all.append(world[ok])
-            rgb_all.append(col[ok])
-        if not xyz_all:
+        dev = images.device
+        cams = [(i, self.st.calibs.get(n)) for i, n in enumerate(names)]
+        cams = [(i, c) for i, c in cams if c is not None and c.scale is not None and c.extrinsic is not None]
+        if not cams:
             return torch.empty((0, 3), device=dev), torch.empty((0, 3), dtype=torch.uint8, device=dev)
-        return torch.cat(xyz_all), torch.cat(rgb_all)
+        idx = torch.tensor([i for i, _ in cams], device=dev)
+
+        def column(values: list[float]) -> Any:
+            return torch.tensor(values, dtype=torch.float32, device=dev)[:, None, None]
+
+        scale, shift = column([c.scale for _, c in cams]), column([c.shift for _, c in cams])
+        max_depth = column([c.max_depth or float("inf") for _, c in cams])
+        inv = scale * disp[idx] + shift
+        nan = torch.full_like(inv, float("nan"))
+        depth = torch.where(inv > 1e-6, 1.0 / inv.clamp(min=1e-6), nan)
+        depth = torch.where(depth > max_depth, nan, depth)
+        world = geo.unproject_depth_map_to_point_map(
+            depth, torch.tensor([c.extrinsic for _, c in cams], dtype=torch.float32, device=dev),
+            torch.tensor([c.intrinsic for _, c in cams], dtype=torch.float32, device=dev))
+        s = self.o.pixel_stride
+        world = world[:, ::s, ::s].reshape(-1, 3)
+        colours = colors_from_images(images[idx])[:, ::s, ::s].reshape(-1, 3)
+        ok = torch.isfinite(world).all(dim=1)
+        return world[ok], colours[ok]
 
     def _model_hw(self, frame: np.ndarray) -> tuple[int, int]:
         meta = self.vggt.input_metadata()[0]
@@ -330,81 +337,112 @@ class LiveSession:
         fh, fw = frame.shape[:2]
         return min(target, max(14, int(round(target * fh / fw / 14)) * 14)), target
 
-    def run(self) -> dict[str, Any]:
-        import contextlib
-
+    def _depth_pool(self, old: dict[str, Any]) -> Any:
         # lazy: Depth Anything pulls in the conversion pipeline (torch, onnx) that only the live loop needs
         from .depth_anything import DepthPool, depth_runner_factory
 
+        o, st = self.o, self.st
+        if old.get("input_hw") and list(old["input_hw"]) != list(st.hw):
+            logger.warning("%s was made for input %s, this run uses %s: starting afresh", self.calib_path,
+                           old["input_hw"], list(st.hw))
+            st.calibs = {}
+        factory = self.depth_factory or depth_runner_factory(
+            o.depth_model, o.depth_engine_dir, st.hw[0], st.hw[1], o.depth_backend, o.device, o.depth_precision,
+            o.depth_random_init, o.seed, o.depth_allow_download, o.depth_compile)
+        return DepthPool(factory, o.depth_workers or 1)
+
+    def _new_map(self) -> VoxelMap:
+        o = self.o
+        med = [c.median_depth for c in self.st.calibs.values() if c.median_depth]
+        vmap = VoxelMap(o.voxel_size or (float(np.median(med)) / 100 if med else 0.01), o.max_voxels,
+                        device=self.map_device)
+        if o.initial_map:
+            seed = read_ply(o.initial_map)
+            vmap.insert(seed["xyz"], seed.get("rgb", np.full((len(seed["xyz"]), 3), 128)), -1)
+            logger.info("initial map %s: %d points -> %d voxels", o.initial_map, len(seed["xyz"]), len(vmap))
+        return vmap
+
+    def _apply_refresh(self, done: Any) -> None:
+        """Fit the cameras to a finished background VGGT refresh (names, that batch's disparity, reference)."""
+        if done is not None and done[2] is not None:
+            self._fit(*done)
+
+    def run(self) -> dict[str, Any]:
         o, st = self.o, self.st
         out = Path(o.out_dir)
         st.calibs, old = load_calibration(self.calib_path)
         batches_written: list[str] = []
         t_start = time.perf_counter()
-        vggt_ctx = self.vggt if not self.vggt.is_active else contextlib.nullcontext(self.vggt)
-        with vggt_ctx, LockstepSource(self.cameras, o.frame_step, o.max_batches, o.min_cams, o.stall_timeout,
-                                      capture_factory=self.factory) as source:
-            pool_ctx = None
+        uploader = FrameUploader(self.map_device)
+        source = LockstepSource(self.cameras, o.frame_step, o.max_batches, o.min_cams, o.stall_timeout,
+                                capture_factory=self.factory)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.vggt if not self.vggt.is_active else contextlib.nullcontext(self.vggt))
+            stack.enter_context(source)
+            batches = stack.enter_context(
+                Prefetcher(source, lambda b: uploader.upload([b.frames[n].image for n in b.names])))
+            refresh = stack.enter_context(BackgroundJob(self.map_device))
+            pool = None
             t = st.lap("startup", t_start)
             t_loop = t
-            for batch in source:
-                t = st.lap("read", t)
+            for batch, (frames, ready) in batches:
+                t = t_batch = st.lap("read", t)
                 names = batch.names
                 st.frames += len(names)
-                if pool_ctx is None:
+                if pool is None:
                     st.hw = self._model_hw(batch.frames[names[0]].image)
-                    if old.get("input_hw") and list(old["input_hw"]) != list(st.hw):
-                        logger.warning("%s was made for input %s, this run uses %s: starting afresh", self.calib_path,
-                                       old["input_hw"], list(st.hw))
-                        st.calibs = {}
-                    factory = self.depth_factory or depth_runner_factory(
-                        o.depth_model, o.depth_engine_dir, st.hw[0], st.hw[1], o.depth_backend, o.device,
-                        o.depth_precision, o.depth_random_init, o.seed, o.depth_allow_download)
-                    pool_ctx = DepthPool(factory, o.depth_workers or len(self.cameras)).__enter__()
+                    pool = stack.enter_context(self._depth_pool(old))
                     t = st.lap("startup", t)
-                images, maps = frames_to_input([batch.frames[n].image for n in names], *st.hw)
+                uploader.wait(frames, ready)
+                images, crops = frames_to_model_input(frames, *st.hw)
+                maps = [c.pixel_map for c in crops]
                 t = st.lap("preprocess", t)
+                self._apply_refresh(refresh.poll())
                 complete = all(st.calibs.get(n) and st.calibs[n].extrinsic is not None for n in st.names)
                 if batch.index == 0 and not complete and st.calibs:
                     logger.warning("%s lacks cameras for %s: bootstrapping afresh", self.calib_path,
                                    sorted(set(st.names) - set(st.calibs)))
                     st.calibs = {}
+                bootstrap = batch.index == 0 and not complete
                 ref = None
-                if (batch.index == 0 and not complete) or (o.vggt_every and batch.index % o.vggt_every == 0):
+                if bootstrap:
                     ref = self._vggt(names, images, maps, batch.index)
                     t = st.lap("vggt", t)
                 elif batch.index == 0:
                     logger.info("VGGT bootstrap skipped: %s has cameras and scale/shift for all %d cameras",
                                 self.calib_path, len(st.names))
-                disp = pool_ctx.infer(images)
+                disp = pool.infer(images)
                 t = st.lap("depth", t)
                 if ref is not None:
-                    self._fit(names, disp, ref)
+                    self._fit(names, disp.cpu().numpy(), ref)
                     t = st.lap("fit", t)
+                elif o.vggt_every and batch.index % o.vggt_every == 0:
+                    job = (lambda n=names, i=images, d=disp, m=maps, b=batch.index:
+                           (n, d.cpu().numpy(), self._vggt(n, i, m, b)))
+                    if not refresh.submit(job, (images, disp)):
+                        logger.info("batch %d: VGGT refresh skipped: the previous one is still running", batch.index)
                 if self.map is None:
-                    med = [c.median_depth for c in st.calibs.values() if c.median_depth]
-                    self.map = VoxelMap(o.voxel_size or (float(np.median(med)) / 100 if med else 0.01), o.max_voxels,
-                                        device=self.map_device)
-                    if o.initial_map:
-                        seed = read_ply(o.initial_map)
-                        self.map.insert(seed["xyz"], seed.get("rgb", np.full((len(seed["xyz"]), 3), 128)), -1)
-                        logger.info("initial map %s: %d points -> %d voxels", o.initial_map, len(seed["xyz"]),
-                                    len(self.map))
+                    self.map = self._new_map()
                 xyz, rgb = self._points(names, images, disp)
                 t = st.lap("unproject", t)
                 self.map.insert(xyz, rgb, batch.index)
                 st.map_sizes.append(len(self.map))
                 t = st.lap("fuse", t)
+                if self.viewer is not None:
+                    self.viewer.publish_map(*self.map.means())
                 if o.save_batches:
                     batches_written.append(str(write_ply(out / "batches" / f"batch_{batch.index:05d}.ply",
                                                          xyz.cpu().numpy(), rgb.cpu().numpy())))
                     t = st.lap("write", t)
+                st.timings.setdefault("batch", []).append((t - t_batch) * 1e3)
+                if batch.index == 0:
+                    st.memory["start"] = memory_use(self.map_device)
                 logger.info("batch %d: %d cameras, skew %.1f ms, %d points, map %d voxels", batch.index, len(names),
                             batch.skew_ms, len(xyz), len(self.map))
+            self._apply_refresh(refresh.poll(wait=True))
             loop_s = time.perf_counter() - t_loop
-            depth_info = pool_ctx.info() if pool_ctx else None
-            if pool_ctx is not None:
-                pool_ctx.__exit__(None, None, None)
+            st.memory["end"] = memory_use(self.map_device)
+            depth_info = pool.info() if pool else None
             vggt_info = self.vggt.info()
         return self._finish(source, loop_s, batches_written, depth_info, vggt_info)
 
@@ -434,10 +472,12 @@ class LiveSession:
             "startup_ms": sum(st.timings.get("startup", [0.0])), "input_hw": list(st.hw),
             "vggt": {"runner": vggt_info, "runs": st.vggt_runs, "every": o.vggt_every},
             "depth": depth_info, "calibration": {k: asdict(v) for k, v in st.calibs.items()},
+            "memory_mib": st.memory,
             "map": {"voxels": len(self.map), "voxels_per_batch": st.map_sizes, "voxel_size": self.map.voxel_size, "max_voxels": self.map.max_voxels,
                     "evicted": self.map.evicted, "out_of_range_points": self.map.out_of_range},
             "files": {**files, "batches": batches_written},
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
+            "options": {k: str(v) if isinstance(v, Path) else v
+                        for k, v in ((f.name, getattr(o, f.name)) for f in fields(o)) if k != "viewer"},
         }
         write_json_atomic(out / "summary.json", summary)
         logger.info("live run: %d batches in %.2f s (%.2f batches/s), map %d voxels -> %s", n, loop_s,

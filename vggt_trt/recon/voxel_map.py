@@ -76,8 +76,14 @@ class VoxelMap:
             self.count, self.last = self.count[keep], self.last[keep]
         return int(added)
 
+    def means(self) -> tuple[Any, Any]:
+        """(xyz float32, rgb uint8) per occupied voxel, as tensors on the map's device."""
+        import torch
+
+        n = self.count.clamp(min=1)[:, None].to(self.xyz.dtype)
+        return (self.xyz / n).float(), (self.rgb / n).round().to(torch.uint8)
+
     def points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(xyz float32, rgb uint8, hit count float32) per occupied voxel, as numpy."""
-        n = self.count.clamp(min=1)[:, None].to(self.xyz.dtype)
-        return ((self.xyz / n).float().cpu().numpy(), (self.rgb / n).round().to(dtype=self.xyz.dtype).cpu().numpy()
-                .astype(np.uint8), self.count.float().cpu().numpy())
+        xyz, rgb = self.means()
+        return xyz.cpu().numpy(), rgb.cpu().numpy(), self.count.float().cpu().numpy()
