@@ -325,7 +325,7 @@ def test_torch_float32_path_never_uses_float64(fx):
 def test_numpy_path_does_not_import_torch():
     code = (
         "import sys, numpy as np\n"
-        "from vggt_trt import geometry as g, pointcloud, preprocess\n"
+        "from vggt_trt.recon import geometry as g, pointcloud, preprocess\n"
         "e, k = g.pose_encoding_to_extri_intri(np.array([[0, 0, 0, 0, 0, 0, 1, 1, 1.0]]), (14, 14))\n"
         "g.unproject_depth_map_to_point_map(np.ones((1, 14, 14)), e, k)\n"
         "g.confidence_mask(np.ones(5), percentile=10)\n"
