@@ -117,6 +117,7 @@ def test_backend_not_installed_says_how_to_install(monkeypatch):
 
 
 def test_auto_prefers_tensorrt_then_falls_back(monkeypatch):
+    """``fake10`` stands in for TensorRT 10 (not installable here without NVIDIA's GPU wheels)."""
     real = tb._import
     flags = types.SimpleNamespace(FP16=1, BF16=2, INT8=3, FP8=4)
     fake10 = types.SimpleNamespace(__version__="10.13.3.9", BuilderFlag=flags)
@@ -137,6 +138,7 @@ def test_auto_prefers_tensorrt_then_falls_back(monkeypatch):
 
 
 def test_legacy_precision_flags_on_tensorrt10_api():
+    """Stand-ins for TensorRT 10's BuilderFlag and config (tensorrt_rtx has no precision flags to test with)."""
     flags = types.SimpleNamespace(FP16="F16", BF16="B16", INT8="I8", FP8="F8")
     fake = types.SimpleNamespace(BuilderFlag=flags)
     info = tb.BackendInfo("tensorrt", "10.13.3.9", 10, False, True)
