@@ -315,8 +315,10 @@ def test_inspector_summary_counts_inputs_and_weights_and_stays_advisory():
     """The inspector's documented JSON for a fused Myelin block whose INT4 weights are not an output type."""
     info = {"Layers": [{"Name": "{ForeignNode[w_q...y]}", "LayerType": "Myelin",
                         "Inputs": [{"Name": "x", "Format/Datatype": "Row major linear FP16 format"}],
-                        "Outputs": [{"Name": "y", "Format/Datatype": "Half"}], "Weights": {"Type": "Int4", "Count": 2048}},
-                       {"Name": "q", "Outputs": [{"Format/Datatype": "FP8"}], "Inputs": [{"Format/Datatype": "BFloat16"}]}]}
+                        "Outputs": [{"Name": "y", "Format/Datatype": "Half"}],
+                        "Weights": {"Type": "Int4", "Count": 2048}},
+                       {"Name": "q", "Outputs": [{"Format/Datatype": "FP8"}],
+                        "Inputs": [{"Format/Datatype": "BFloat16"}]}]}
     summary = B.inspector_precision_summary(info)
     assert summary["weight_dtypes"] == {"int4": 1} and summary["output_dtypes"] == {"fp16": 1, "fp8": 1}
     assert summary["input_dtypes"] == {"fp16": 1, "bf16": 1} and summary["fused_blocks"] == 1

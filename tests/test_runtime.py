@@ -197,3 +197,12 @@ def test_trt_runner_on_rtx_engine(tiny_onnx: Path, tmp_path_factory: pytest.Temp
     assert res.timing_method == "cuda-events" and res.peak_device_memory_mb is not None
     for name in ref:  # fp32 engine vs ORT fp32 (TF32 may be used by TensorRT): generous bound
         assert _rel_l2(out[name], ref[name]) < 1e-2, name
+
+
+def test_cuda_index_from_device_strings() -> None:
+    from vggt_trt.runtime.trt_runner import cuda_index
+
+    assert [cuda_index(d) for d in ("auto", "cuda", "cuda:1", "cuda:3")] == [0, 0, 1, 3]
+    for bad in ("cpu", "cuda:x", "mps"):
+        with pytest.raises(InputError, match="TensorRT engines run on a CUDA device"):
+            cuda_index(bad)

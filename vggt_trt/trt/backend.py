@@ -331,7 +331,8 @@ VALIDITY_ADVICE = {
     "UNSUPPORTED_CC": "it was built for other GPUs (compute capability targets): rebuild it with "
                       "--compute-capability set to this GPU's",
     "OLD_CUDA_DRIVER": "the NVIDIA driver is too old for this TensorRT-RTX: update it (cu13 wheels need R580 or newer)",
-    "OLD_CUDA_RUNTIME": "the CUDA runtime is too old for this engine: update the CUDA runtime or the TensorRT-RTX wheel",
+    "OLD_CUDA_RUNTIME": "the CUDA runtime is too old for this engine: update the CUDA runtime or the "
+                        "TensorRT-RTX wheel",
     "INSUFFICIENT_GPU_MEMORY": "the GPU has not enough free memory for it: close other GPU programs or use a "
                                "smaller engine (fewer views, lower precision)",
     "MALFORMED_ENGINE": "the file is not a complete TensorRT-RTX engine (truncated, or written by something else): "
@@ -375,13 +376,13 @@ def engine_weight_bytes(trt: Any, engine: Any) -> int | None:
 def create_context(engine: Any, runtime_cache_blob: bytes | None) -> tuple[Any, Any, Any | None, dict[str, Any]]:
     """An execution context; on TensorRT-RTX with a runtime cache (JIT-compiled kernels), loaded from the blob.
 
-    Returns (context, runtime config (keep it alive with the context), runtime cache or None, status). A blob TensorRT-RTX rejects (other GPU, driver or
-    version) leaves the cache empty; the status says so.
+    Returns (context, runtime config (keep it alive with the context), runtime cache or None, status). A
+    blob TensorRT-RTX rejects (other GPU, driver or version) leaves the cache empty; the status says so.
     """
-    if not hasattr(engine, "create_runtime_config"):
+    config = engine.create_runtime_config() if hasattr(engine, "create_runtime_config") else None
+    if not hasattr(config, "create_runtime_cache"):  # TensorRT 10.11+ has runtime configs without a cache
         return engine.create_execution_context(), None, None, {"used": False,
                                                                "reason": "this TensorRT has no runtime cache"}
-    config = engine.create_runtime_config()
     cache = config.create_runtime_cache()
     status: dict[str, Any] = {"used": True, "loaded": False, "loaded_bytes": 0}
     if runtime_cache_blob:

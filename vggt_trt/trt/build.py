@@ -203,7 +203,8 @@ def load_timing_cache(config: Any, path: str | os.PathLike, info: tb.BackendInfo
         entries = _cache_entries(cache)
         status["entries"] = entries
         if entries == 0:
-            status["reason"] = "TensorRT returned an empty cache (it could not deserialise the file, or it had no entries)"
+            status["reason"] = ("TensorRT returned an empty cache (it could not deserialise the file, or it had "
+                                "no entries)")
         else:
             status.update(loaded=True, loaded_bytes=len(data), reason="" if entries else "entry count unknown")
     if not config.set_timing_cache(cache, False):
