@@ -348,3 +348,16 @@ def test_runtime_cache_file_naming_and_keying(tmp_path):
     path.write_bytes(b"kernel")
     assert "hash" in cache_files.read_keyed(path, key)[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".json"]
+
+
+def test_cli_rejects_current_with_other_targets_before_exporting(tmp_path):
+    import vggt_to_trt
+    from test_convert import TINY  # noqa: E402
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    code = vggt_to_trt.main(["--export", *TINY, "--precision", "fp16", "--backend", "tensorrt-rtx",
+                             "--compute-capability", "current", "--compute-capability", "8.9",
+                             "--output-dir", str(out), "--log-dir", str(logs)])
+    assert code == 2
+    assert "'current' must be the only target" in "".join(p.read_text() for p in logs.glob("vggt_to_trt-*.log"))
+    assert not list(out.glob("*.onnx")), "the target check must stop the run before the export"
