@@ -106,6 +106,8 @@ def check_precision(p: str, graph: Path, work: Path, device: int, feeds: dict, r
     failures = [] if validity["validity"] in ("VALID", "SUBOPTIMAL") else [f"engine validity {validity}"]
     if p != "fp32" and p not in res.network_precision["dtypes"]:
         failures.append(f"{p} absent from the parsed network")
+    for old in work.glob(f"{engine.stem}.sm*.runtime.cache*"):  # from an earlier run in the same --work-dir
+        old.unlink()
     no_cache, _ = first_call_seconds(engine, feeds, device, runtime_cache=False)
     empty_cache, first = first_call_seconds(engine, feeds, device, runtime_cache=True)
     warm_cache, second = first_call_seconds(engine, feeds, device, runtime_cache=True)
