@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vggt_trt import trt_backend as tb
-from vggt_trt.compare import tensor_errors
+from vggt_trt.accuracy import tensor_errors
+from vggt_trt.trt import backend as tb
 from vggt_trt.errors import MissingDependencyError
 
 # relative L2 of each output vs ONNX Runtime fp32 on the tiny preset (random weights); TensorRT may use TF32
@@ -57,10 +57,10 @@ def skip_reason(device: int) -> str | None:
 
 def make_graphs(work: Path, precisions: list[str]) -> dict[str, Path]:
     """The tiny fp32 graph and its fp16/bf16 casts and fp8 Q/DQ version."""
-    from vggt_trt import graph as G
-    from vggt_trt import onnx_io
-    from vggt_trt.calib import calibration_set
-    from vggt_trt.export import ExportSpec, export_onnx
+    from vggt_trt.graph import io as onnx_io
+    from vggt_trt.graph.export import ExportSpec, export_onnx
+    from vggt_trt.graph.precision_cast import cast_precision
+    from vggt_trt.quant.calib import calibration_set
     from vggt_trt.model.weights import build_model
 
     report = export_onnx(build_model("tiny", random_init=True, seed=0), work / "tiny.onnx",
@@ -68,10 +68,10 @@ def make_graphs(work: Path, precisions: list[str]) -> dict[str, Path]:
     graphs = {"fp32": Path(report["path"])}
     for p in precisions:
         if p in ("fp16", "bf16"):
-            cast, _ = G.cast_precision(onnx_io.load_onnx(graphs["fp32"]), p)
+            cast, _ = cast_precision(onnx_io.load_onnx(graphs["fp32"]), p)
             graphs[p] = onnx_io.save_onnx(cast, work / f"tiny_{p}.onnx")
         elif p == "fp8":
-            from vggt_trt.quantize import quantize_onnx
+            from vggt_trt.quant.ptq import quantize_onnx
 
             calib = calibration_set(None, SHAPE[0], SHAPE[2], SHAPE[3], num_batches=4, seed=0)
             quantize_onnx(graphs["fp32"], work / "tiny_fp8.onnx", "fp8", calib)
@@ -81,7 +81,7 @@ def make_graphs(work: Path, precisions: list[str]) -> dict[str, Path]:
 
 def first_call_seconds(engine: Path, feeds: dict, device: int, runtime_cache: bool) -> tuple[float, dict]:
     """Wall time of activate + first inference (TensorRT-RTX compiles kernels here) and the cache status."""
-    from vggt_trt.runtime import TrtRunner
+    from vggt_trt.runtime.trt_runner import TrtRunner
 
     t0 = time.perf_counter()
     with TrtRunner(engine, trt_backend="tensorrt-rtx", device_index=device, runtime_cache=runtime_cache) as runner:
@@ -91,8 +91,9 @@ def first_call_seconds(engine: Path, feeds: dict, device: int, runtime_cache: bo
 
 
 def check_precision(p: str, graph: Path, work: Path, device: int, feeds: dict, ref: dict) -> dict:
-    from vggt_trt.build import build_engine
-    from vggt_trt.runtime import TrtRunner, benchmark
+    from vggt_trt.runtime.benchmark import benchmark
+    from vggt_trt.runtime.trt_runner import TrtRunner
+    from vggt_trt.trt.build import build_engine
 
     engine = work / f"tiny_{p}.engine"
     res = build_engine(graph, engine, p, backend="tensorrt-rtx", workspace_gb=2, compute_capabilities=["current"])
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"SKIP: {reason}")
         return 0
-    from vggt_trt.runtime import OrtRunner
+    from vggt_trt.runtime.ort_runner import OrtRunner
 
     gpu = tb.cuda_gpu(args.device)
     cc = tb.cc_tuple(gpu["compute_capability"])

@@ -352,7 +352,7 @@ def test_runtime_cache_file_naming_and_keying(tmp_path):
 
 def test_cli_rejects_current_with_other_targets_before_exporting(tmp_path):
     import vggt_to_trt
-    from test_convert import TINY  # noqa: E402
+    from helpers import TINY  # noqa: E402
 
     out, logs = tmp_path / "out", tmp_path / "logs"
     code = vggt_to_trt.main(["--export", *TINY, "--precision", "fp16", "--backend", "tensorrt-rtx",

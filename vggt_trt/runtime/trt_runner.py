@@ -135,7 +135,7 @@ class TrtRunner(Runner):
 
     ``trt_backend="auto"`` loads the TensorRT named by the engine's build report, else tries ``tensorrt``
     then ``tensorrt_rtx``. On TensorRT-RTX the kernels compiled just in time go to a runtime cache beside
-    the engine (:func:`vggt_trt.cache_files.runtime_cache_path`), loaded on activation and saved on
+    the engine (:func:`vggt_trt.trt.cache_files.runtime_cache_path`), loaded on activation and saved on
     deactivation; ``runtime_cache=False`` turns it off.
     """
 
