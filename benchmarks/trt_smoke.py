@@ -3,7 +3,7 @@
 Usage: PYTHONPATH=. python benchmarks/trt_smoke.py [--precisions fp32 fp16 bf16 fp8] [--device 0] [--json OUT.json]
 
 For each precision it exports the tiny VGGT preset (2 views, 56 x 56, seeded random weights), casts or
-quantises the graph, builds an engine for this GPU (--compute-capability current) and then checks:
+quantises the graph, builds an engine for this GPU's compute capability and then checks:
 engine validity (TensorRT-RTX get_engine_validity), outputs against ONNX Runtime on the fp32 graph
 (relative L2 per output, stated bounds below), activation + first inference with no runtime cache, with
 an empty one (written on exit) and with the saved one (must load), memory accounting (engine weights and
@@ -96,7 +96,9 @@ def check_precision(p: str, graph: Path, work: Path, device: int, feeds: dict, r
     from vggt_trt.trt.build import build_engine
 
     engine = work / f"tiny_{p}.engine"
-    res = build_engine(graph, engine, p, backend="tensorrt-rtx", workspace_gb=2, compute_capabilities=["current"])
+    gpu = tb.cuda_gpu(device)  # its own target, not CURRENT: CURRENT is CUDA device 0, whatever --device says
+    res = build_engine(graph, engine, p, backend="tensorrt-rtx", workspace_gb=2,
+                       compute_capabilities=[gpu["compute_capability"]])
     engine.with_suffix(".json").write_text(json.dumps(res.to_dict()))
     checks: dict = {"build_s": res.build_seconds, "engine_mb": round(res.engine_bytes / 1e6, 2),
                     "network_dtypes": res.network_precision["dtypes"], "engine_precision": res.engine_precision,
