@@ -1,7 +1,9 @@
 """The TensorRT 10 IInt8EntropyCalibrator2 path: cache keys, cache files, clear errors, CLI wiring.
 
-A stand-in ``trt`` module replaces TensorRT 10 (not installable without a GPU); the get_batch path
-runs for real only where PyTorch has CUDA.
+``FakeTRT10`` stands in for TensorRT 10, the only TensorRT with the calibrator class, which cannot be
+installed without NVIDIA's GPU wheels; it provides nothing but the base class and a version. The real
+``tensorrt_rtx`` is used where a module without calibrators is needed. The get_batch path runs for real
+only where PyTorch has CUDA.
 """
 
 from __future__ import annotations
@@ -35,13 +37,6 @@ class FakeTRT10:
     class IInt8EntropyCalibrator2:
         def __init__(self) -> None:
             self.base_initialised = True
-
-
-class FakeTRT11:
-    """TensorRT 11 removed the calibrators."""
-
-    __name__ = "tensorrt"
-    __version__ = "11.0.0"
 
 
 def _set(seed: int = 0, batches: int = 3):
@@ -110,8 +105,10 @@ def test_cache_write_is_atomic_and_never_raises_into_tensorrt(tmp_path, fake_cud
 
 
 def test_module_without_calibrator_names_the_qdq_path(tmp_path):
-    with pytest.raises(InputError, match=r"no IInt8EntropyCalibrator2.*--precision int8 without --int8-calibrator"):
-        make_entropy_calibrator(FakeTRT11, _set(0), tmp_path)
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx not installed: pip install tensorrt-rtx-cu13")
+    with pytest.raises(InputError, match=r"tensorrt_rtx .*no IInt8EntropyCalibrator2.*--precision int8 without "
+                                         r"--int8-calibrator"):
+        make_entropy_calibrator(trt, _set(0), tmp_path)
 
 
 def test_no_cuda_is_a_clear_missing_dependency(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from ..runtime.base import Runner, TensorMeta, random_feeds
 from ..runtime.benchmark import benchmark
 from ..runtime.factory import make_runner
 from ..runtime.torch_runner import TorchRunner
+from ..runtime.trt_runner import cuda_index
 from .common import ArgumentParser, add_compile_arguments, run_cli
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def runner_from_args(args: argparse.Namespace, which: str | None = None) -> Runn
         if Path(args.engine).suffix == ARTIFACT_SUFFIX:
             return TorchRunner.from_compile_cache(args.engine, device=args.device, weights=args.weights,
                                                   frames_chunk_size=args.frames_chunk_size)
-        return make_runner(args.engine, "engine", trt_backend=args.trt_backend)
+        return make_runner(args.engine, "engine", trt_backend=args.trt_backend,
+                           device_index=cuda_index(args.device))
     if which == "onnx":
         if not args.onnx:
             raise InputError("--compare onnx needs --onnx PATH")
@@ -57,7 +59,8 @@ def compare_runner(args: argparse.Namespace) -> Runner:
     if spec in ("torch", "onnx", "engine"):
         return runner_from_args(args, spec)
     if Path(spec).is_file():
-        kwargs = {"trt_backend": args.trt_backend} if spec.endswith((".engine", ".plan")) else {}
+        kwargs = ({"trt_backend": args.trt_backend, "device_index": cuda_index(args.device)}
+                  if spec.endswith((".engine", ".plan")) else {})
         return make_runner(spec, **kwargs)
     raise InputError(f"--compare {spec!r}: expected torch, onnx, engine or an existing .onnx/.engine file")
 

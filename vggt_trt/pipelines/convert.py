@@ -138,7 +138,9 @@ def _require_calibrator_backend(info: Any) -> None:
     if not info.has_precision_flags or info.strongly_typed_only:
         raise InputError(f"--int8-calibrator needs TensorRT 10 (IInt8EntropyCalibrator2 on a weakly typed network); "
                          f"{info.name} {info.version} builds strongly typed networks only and has no INT8 "
-                         "calibrator: use the Q/DQ path instead (--precision int8 without --int8-calibrator)")
+                         "calibrator: use the Q/DQ path instead (--precision int8 without --int8-calibrator), or "
+                         "install TensorRT 10 on a GPU machine: pip install \"tensorrt-cu12<11\" (plain "
+                         "`pip install tensorrt` now gives TensorRT 11)")
 
 
 def _int8_calibrator(onnx_path: Path, opts: ConvertOptions) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 from ..model.compiled import ARTIFACT_SUFFIX
 from ..runtime.ort_runner import OrtRunner
 from ..runtime.torch_runner import TorchRunner
-from ..runtime.trt_runner import TrtRunner
+from ..runtime.trt_runner import TrtRunner, cuda_index
 
 
 @dataclass(kw_only=True)
@@ -34,7 +34,7 @@ class VggtModelOptions:
             return TorchRunner.from_compile_cache(self.model_path, device=self.device, weights=self.weights,
                                                   frames_chunk_size=self.frames_chunk_size)
         if self.backend == "engine":
-            return TrtRunner(self.model_path, trt_backend=self.trt_backend)
+            return TrtRunner(self.model_path, trt_backend=self.trt_backend, device_index=cuda_index(self.device))
         if self.backend == "onnx":
             return OrtRunner(self.model_path)
         return TorchRunner(model_name=self.model_name, weights=self.weights, precision=self.precision,

@@ -85,7 +85,8 @@ def _calibrator_base(trt: Any) -> type:
         name = getattr(trt, "__name__", "this TensorRT module")
         version = getattr(trt, "__version__", "unknown version")
         raise InputError(f"{name} {version} has no {CALIBRATOR_NAME}: TensorRT 11 removed the INT8 calibrators "
-                         f"and TensorRT-RTX has none; {QDQ_ALTERNATIVE}")
+                         f"and TensorRT-RTX has none (TensorRT 10: pip install \"tensorrt-cu12<11\"); "
+                         f"{QDQ_ALTERNATIVE}")
     return base
 
 

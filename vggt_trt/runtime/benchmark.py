@@ -73,9 +73,10 @@ def benchmark(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 3, 
     if cuda:
         peak_bytes = torch.cuda.max_memory_allocated()
         method = "torch.cuda.max_memory_allocated"
-        if hasattr(runner, "device_memory_bytes"):  # TensorRT: activations live outside torch's allocator
+        if hasattr(runner, "device_memory_bytes"):  # TensorRT: weights and activations live outside torch
             peak_bytes += runner.device_memory_bytes()
-            method += " (I/O buffers) + engine device_memory_size (activations)"
+            method += (f" (I/O buffers) + engine weights ({runner.weights_method}) + engine device_memory_size "
+                       "(activations)")
         peak = peak_bytes / 2**20
     latency = _stats(samples)
     images = feeds.get("images")

@@ -15,14 +15,22 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import InputError, MissingDependencyError
+from ..errors import BuildError, InputError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx", "tensorrt_rtx": "tensorrt_rtx"}
 INSTALL_HINT = ("install one: `pip install tensorrt-rtx-cu13` (TensorRT for RTX: GeForce/RTX GPUs, and engine "
-                "builds on machines without a GPU) or NVIDIA's `tensorrt` wheel (`pip install tensorrt`, for "
-                "data-centre GPUs such as H100)")
+                "builds on machines without a GPU) or NVIDIA's `tensorrt` wheel for data-centre GPUs such as H100: "
+                "`pip install tensorrt` gives TensorRT 11 (strongly typed, no INT8 calibrator), "
+                "`pip install \"tensorrt-cu12<11\"` gives TensorRT 10 (needed by --int8-calibrator). "
+                "cu13 wheels (TensorRT 11, tensorrt-rtx-cu13) need a CUDA 13 driver (R580 or newer)")
+# GPUs each backend runs on, as (major, minor) bounds; TensorRT-RTX lists its targets in ComputeCapability
+MIN_COMPUTE_CAPABILITY = {10: (7, 0), 11: (7, 5)}  # TensorRT 10.x support matrix; CUDA 13 dropped SM < 7.5
+GPU_FAMILIES = {(7, 0): "Volta", (7, 2): "Volta", (7, 5): "Turing", (8, 0): "Ampere", (8, 6): "Ampere",
+                (8, 7): "Ampere (Jetson Orin)", (8, 9): "Ada", (9, 0): "Hopper, e.g. H100/H200",
+                (10, 0): "data-centre Blackwell, e.g. B200", (10, 3): "data-centre Blackwell, e.g. B300",
+                (11, 0): "Blackwell (Jetson Thor)", (12, 0): "Blackwell", (12, 1): "Blackwell (GB10)"}
 # Output dtype names as the rest of the toolkit spells precisions
 DTYPE_NAMES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16", "INT8": "int8", "FP8": "fp8", "INT4": "int4",
                "FP4": "fp4", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "E8M0": "e8m0"}
@@ -91,18 +99,68 @@ def dtype_name(dtype: Any) -> str:
     return DTYPE_NAMES.get(name, name.lower())
 
 
-def cuda_device_count() -> tuple[int, str]:
-    """Number of CUDA devices via the driver API (no CUDA toolkit needed) and a reason when it is zero."""
+def _cuda_driver() -> tuple[Any | None, str]:
+    """The initialised CUDA driver library (no CUDA toolkit needed), or None and why."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:
-        return 0, f"no CUDA driver ({exc})"
+        return None, f"no CUDA driver ({exc})"
     if lib.cuInit(0) != 0:
-        return 0, "cuInit failed: the CUDA driver found no usable GPU"
+        return None, "cuInit failed: the CUDA driver found no usable GPU"
+    return lib, ""
+
+
+def cuda_device_count() -> tuple[int, str]:
+    """Number of CUDA devices via the driver API and a reason when it is zero."""
+    lib, reason = _cuda_driver()
+    if lib is None:
+        return 0, reason
     count = ctypes.c_int(0)
     if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
         return 0, "the CUDA driver reports no GPU"
     return count.value, ""
+
+
+def cuda_gpu(index: int = 0) -> dict[str, Any] | None:
+    """Name, compute capability and driver CUDA version of device ``index`` via the driver API; None without it."""
+    lib, _ = _cuda_driver()
+    dev = ctypes.c_int(0)
+    if lib is None or lib.cuDeviceGet(ctypes.byref(dev), index) != 0:
+        return None
+    major, minor, version = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR
+    name = ctypes.create_string_buffer(256)
+    lib.cuDeviceGetName(name, 256, dev)
+    lib.cuDriverGetVersion(ctypes.byref(version))
+    return {"index": index, "name": name.value.decode(errors="replace"),
+            "compute_capability": f"{major.value}.{minor.value}",
+            "driver_cuda_version": f"{version.value // 1000}.{version.value % 1000 // 10}"}
+
+
+def cc_tuple(text: str) -> tuple[int, int]:
+    """"8.9" -> (8, 9)."""
+    major, minor = str(text).split(".")
+    return int(major), int(minor)
+
+
+def unsupported_gpu_reason(trt: Any, info: BackendInfo, compute_capability: str) -> str | None:
+    """Why ``info``'s TensorRT cannot run on a GPU of this compute capability ("8.9"); None when it can."""
+    cc = cc_tuple(compute_capability)
+    family = GPU_FAMILIES.get(cc, "unknown family")
+    if info.is_rtx:
+        known = supported_compute_capabilities(trt)
+        if cc[0] * 10 + cc[1] in known:
+            return None
+        return (f"TensorRT-RTX {info.version} does not support this GPU: compute capability {compute_capability} "
+                f"({family}). It runs on compute capability "
+                + ", ".join(f"{k // 10}.{k % 10}" for k in known)
+                + " (GeForce/RTX GPUs); on this GPU build and run the engine with NVIDIA's `tensorrt` wheel instead")
+    floor = MIN_COMPUTE_CAPABILITY.get(info.major)
+    if floor is not None and cc < floor:
+        return (f"{info.name} {info.version} needs compute capability {floor[0]}.{floor[1]} or newer; this GPU has "
+                f"{compute_capability} ({family})")
+    return None
 
 
 def make_logger(trt: Any, min_severity: str = "WARNING") -> Any:
@@ -178,13 +236,16 @@ def create_network(trt: Any, builder: Any, info: BackendInfo, strongly_typed: bo
     return builder.create_network(0)  # TRT >= 10: explicit batch is implicit; EXPLICIT_BATCH is gone in 11
 
 
-def set_config(config: Any, attr: str, value: Any, skipped: dict[str, str]) -> bool:
-    """Set ``config.attr = value`` if this TensorRT has it; record and log the reason when it does not."""
+def set_config(config: Any, attr: str, value: Any, skipped: dict[str, str], check: bool = True) -> bool:
+    """Set ``config.attr = value`` if this TensorRT has it (logged reason when not); BuildError if it does not take."""
     if not hasattr(config, attr):
         skipped[attr] = f"IBuilderConfig.{attr} does not exist in this TensorRT"
         logger.info("skipping %s=%s: %s", attr, value, skipped[attr])
         return False
     setattr(config, attr, value)
+    if check and getattr(config, attr) != value:  # TensorRT clamps or ignores bad values silently
+        raise BuildError(f"IBuilderConfig.{attr} = {value!r} did not take: TensorRT reads back "
+                         f"{getattr(config, attr)!r}")
     return True
 
 
@@ -195,6 +256,9 @@ def set_workspace(trt: Any, config: Any, nbytes: int, skipped: dict[str, str]) -
         logger.info("skipping the workspace limit: %s", skipped["workspace"])
         return False
     config.set_memory_pool_limit(pool, nbytes)
+    if hasattr(config, "get_memory_pool_limit") and config.get_memory_pool_limit(pool) != nbytes:
+        raise BuildError(f"workspace limit {nbytes} bytes did not take: TensorRT reads back "
+                         f"{config.get_memory_pool_limit(pool)}")
     return True
 
 
@@ -209,15 +273,26 @@ def set_precision_flags(trt: Any, config: Any, info: BackendInfo, precision: str
                          f"{precision} needs a strongly typed {precision} ONNX graph instead")
     for f in wanted:
         config.set_flag(getattr(trt.BuilderFlag, f))
+        if hasattr(config, "get_flag") and not config.get_flag(getattr(trt.BuilderFlag, f)):
+            raise BuildError(f"BuilderFlag.{f} did not take in {info.name} {info.version}")
     return wanted
 
 
-def set_compute_capabilities(trt: Any, config: Any, targets: list[int]) -> None:
-    """TensorRT-RTX only: build for these SM targets (e.g. [89, 120])."""
+def set_compute_capabilities(trt: Any, config: Any, targets: list[int], trt_logger: Any = None) -> None:
+    """TensorRT-RTX only: build for these SM targets (e.g. [89, 120]; 0 = CURRENT, which must be alone)."""
+    if 0 in targets and len(targets) > 1:
+        raise InputError("compute capability 'current' must be the only target (TensorRT-RTX builds CURRENT "
+                         "alone); give explicit targets such as 8.9 and 12.0 instead")
     enum = trt.ComputeCapability
     config.num_compute_capabilities = len(targets)
+    if config.num_compute_capabilities != len(targets):
+        raise BuildError(f"TensorRT refused {len(targets)} compute capability targets "
+                         f"(reads back {config.num_compute_capabilities})")
     for i, sm in enumerate(targets):
-        config.set_compute_capability(getattr(enum, f"SM{sm}") if sm else enum.CURRENT, i)
+        value = getattr(enum, f"SM{sm}") if sm else enum.CURRENT
+        if not config.set_compute_capability(value, i):
+            said = " | ".join((trt_logger.errors if trt_logger is not None else [])[-2:]) or "no message"
+            raise BuildError(f"TensorRT refused compute capability target {value.name} at index {i}: {said}")
 
 
 def supported_compute_capabilities(trt: Any) -> list[int]:
@@ -248,3 +323,78 @@ def deserialize_engine(trt: Any, engine_bytes: bytes | memoryview, trt_logger: A
     """
     runtime = trt.Runtime(trt_logger)
     return runtime, runtime.deserialize_cuda_engine(engine_bytes)
+
+
+# What each TensorRT-RTX EngineInvalidityDiagnostics bit means for the user
+VALIDITY_ADVICE = {
+    "VERSION_MISMATCH": "it was built by another TensorRT-RTX version: rebuild it with this one",
+    "UNSUPPORTED_CC": "it was built for other GPUs (compute capability targets): rebuild it with "
+                      "--compute-capability set to this GPU's",
+    "OLD_CUDA_DRIVER": "the NVIDIA driver is too old for this TensorRT-RTX: update it (cu13 wheels need R580 or newer)",
+    "OLD_CUDA_RUNTIME": "the CUDA runtime is too old for this engine: update the CUDA runtime or the "
+                        "TensorRT-RTX wheel",
+    "INSUFFICIENT_GPU_MEMORY": "the GPU has not enough free memory for it: close other GPU programs or use a "
+                               "smaller engine (fewer views, lower precision)",
+    "MALFORMED_ENGINE": "the file is not a complete TensorRT-RTX engine (truncated, or written by something else): "
+                        "rebuild it",
+    "CUDA_ERROR": "the CUDA driver or runtime is not installed correctly: reinstall the NVIDIA driver",
+}
+
+
+def engine_validity(trt: Any, engine_path: str | bytes | Any, trt_logger: Any) -> dict[str, Any] | None:
+    """TensorRT-RTX ``Runtime.get_engine_validity`` on the engine header: validity, reasons and advice.
+
+    None where the module has no such call (TensorRT 10/11). Reads only the header bytes of a file path.
+    """
+    if not hasattr(trt.Runtime, "get_engine_validity"):
+        return None
+    runtime = trt.Runtime(trt_logger)
+    size = int(getattr(runtime, "engine_header_size", 0)) or -1
+    if isinstance(engine_path, (bytes, bytearray, memoryview)):
+        header = bytes(engine_path[:size] if size > 0 else engine_path)
+    else:
+        with open(engine_path, "rb") as f:
+            header = f.read(size)
+    logged = len(trt_logger.errors)
+    validity, mask = runtime.get_engine_validity(header)
+    diagnostics = getattr(trt, "EngineInvalidityDiagnostics", None)
+    reasons = [name for name, bit in (diagnostics.__members__.items() if diagnostics else ())
+               if int(mask) & int(bit)]
+    return {"validity": validity.name, "reasons": reasons, "advice": [VALIDITY_ADVICE.get(r, r) for r in reasons],
+            "log": trt_logger.errors[logged:]}
+
+
+def engine_weight_bytes(trt: Any, engine: Any) -> int | None:
+    """Bytes of weights the engine keeps on the device (``get_engine_stat``); None where TensorRT lacks the query."""
+    stat = getattr(getattr(trt, "EngineStat", None), "TOTAL_WEIGHTS_SIZE", None)
+    if stat is None or not hasattr(engine, "get_engine_stat"):
+        return None
+    value = int(engine.get_engine_stat(stat))
+    return value if value >= 0 else None
+
+
+def create_context(engine: Any, runtime_cache_blob: bytes | None) -> tuple[Any, Any, Any | None, dict[str, Any]]:
+    """An execution context; on TensorRT-RTX with a runtime cache (JIT-compiled kernels), loaded from the blob.
+
+    Returns (context, runtime config (keep it alive with the context), runtime cache or None, status). A
+    blob TensorRT-RTX rejects (other GPU, driver or version) leaves the cache empty; the status says so.
+    """
+    config = engine.create_runtime_config() if hasattr(engine, "create_runtime_config") else None
+    if not hasattr(config, "create_runtime_cache"):  # TensorRT 10.11+ has runtime configs without a cache
+        return engine.create_execution_context(), None, None, {"used": False,
+                                                               "reason": "this TensorRT has no runtime cache"}
+    cache = config.create_runtime_cache()
+    status: dict[str, Any] = {"used": True, "loaded": False, "loaded_bytes": 0}
+    if runtime_cache_blob:
+        status["loaded"] = bool(cache.deserialize(runtime_cache_blob))
+        status["loaded_bytes"] = len(runtime_cache_blob) if status["loaded"] else 0
+        if not status["loaded"]:
+            status["reason"] = "TensorRT-RTX rejected the cache (another GPU, driver or TensorRT-RTX version)"
+    if not config.set_runtime_cache(cache):
+        status.update(used=False, loaded=False, reason="TensorRT-RTX refused the runtime cache")
+        cache = None
+    return engine.create_execution_context(runtime_config=config), config, cache, status
+
+
+def serialize_runtime_cache(cache: Any) -> bytes:
+    return bytes(memoryview(cache.serialize()))
