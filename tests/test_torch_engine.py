@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from vggt_trt.model.compiled import (CompileCacheMismatch, compile_key, compile_regions, load_compile_cache,
-                                     read_compile_cache_header, write_compile_cache)
+from vggt_trt.model.compiled import (CompileCacheMismatch, compile_regions, load_compile_cache,
+                                     read_compile_cache_header)
 from vggt_trt.model.vggt import FULL_OUTPUTS
 from vggt_trt.model.weights import build_model
 
@@ -48,28 +48,46 @@ def test_meta_built_model_has_the_seeded_weights_of_an_eager_init(tiny_model):
 
 @pytest.fixture(scope="module")
 def compiled_run(images, tmp_path_factory):
-    """One regional compile of the tiny model on the CPU (inductor), its outputs, and its cache artifact."""
-    model = build_model("tiny", random_init=True, seed=0)
-    with torch.no_grad():
-        ref = model(images)
-        regions = compile_regions(model)
-        out = model(images)
-    key = compile_key(model, "fp32", images.shape, list(ref))
+    """One regional compile of the tiny model on the CPU (inductor) through the runner, which writes the
+    compile-cache artifact after its first call; the eager outputs of the same weights for reference."""
+    from vggt_trt.runtime.torch_runner import TorchRunner
+
     path = tmp_path_factory.mktemp("torchcache") / "vggt-7x3x42x56_fp32.torchcache"
-    write_compile_cache(path, key, {"regions": regions})
-    return {"ref": ref, "out": out, "key": key, "path": path, "regions": regions}
+    with torch.no_grad():
+        ref = build_model("tiny", random_init=True, seed=0)(images)
+    runner = TorchRunner("tiny", random_init=True, device="cpu", outputs=list(ref), compile=True, compile_cache=path)
+    with runner:
+        out = runner.infer_device({"images": images})
+        key = runner.expected_compile_key(images.shape)
+        info = runner.info()
+    return {"ref": ref, "out": out, "key": key, "path": path, "info": info}
+
+
+def test_compile_regions_are_every_block_and_head():
+    regions = compile_regions(build_model("tiny", random_init=True, seed=0))  # wraps only; nothing compiles yet
+    assert {"depth_head", "camera_head", "point_head", "aggregator.frame_blocks.0", "aggregator.global_blocks.3",
+            "aggregator.patch_embed.blocks.1"} <= set(regions)
+    assert not any(r.startswith("camera_head.") for r in regions)  # the head's own blocks go with the head
 
 
 def test_compiled_output_equals_eager(compiled_run):
-    assert {"depth_head", "camera_head", "point_head", "aggregator.frame_blocks.0"} <= set(compiled_run["regions"])
+    assert compiled_run["info"]["compile"] and compiled_run["info"]["cache_bytes"] > 0
     for name, ref in compiled_run["ref"].items():
         assert rel_l2(ref, compiled_run["out"][name]) <= 1e-5, name
+
+
+def test_a_compile_cache_describes_the_runner_it_was_made_by(compiled_run):
+    from vggt_trt.runtime.factory import make_runner
+
+    runner = make_runner(compiled_run["path"])
+    assert (runner.model_name, runner.random_init, runner.precision, runner.compile) == ("tiny", True, "fp32", True)
+    assert runner.input_shape == (7, 3, 42, 56) and list(runner.outputs) == list(compiled_run["ref"])
 
 
 def test_compile_cache_header_and_matching_load(compiled_run):
     header = read_compile_cache_header(compiled_run["path"])
     assert header["key"] == compiled_run["key"]
-    assert header["info"]["regions"] == compiled_run["regions"]
+    assert header["info"]["model_name"] == "tiny" and header["info"]["random_init"] is True
     assert load_compile_cache(compiled_run["path"], compiled_run["key"])["key"]["input_shape"] == [7, 3, 42, 56]
 
 
@@ -83,6 +101,14 @@ def test_compile_cache_for_another_setup_is_refused_by_name(compiled_run, field,
     with pytest.raises(CompileCacheMismatch, match="vggt_to_trt.py --backend torch") as exc:
         load_compile_cache(compiled_run["path"], key)
     assert words in str(exc.value)
+
+
+def test_torch_backend_refuses_precisions_it_cannot_build(tmp_path):
+    from vggt_trt.cli.convert import main
+
+    assert main(["--backend", "torch", "--model-name", "tiny", "--precision", "int8", "--output-dir", str(tmp_path),
+                 "--log-dir", str(tmp_path / "logs")]) == 2
+    assert not list(tmp_path.glob("*.torchcache"))
 
 
 def test_a_file_that_is_not_a_compile_cache_is_refused(tmp_path):

@@ -212,6 +212,7 @@ class _State:
     frames: int = 0
     map_sizes: list[int] = field(default_factory=list)
     memory: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    batch_end_s: list[float] = field(default_factory=list)
 
     def lap(self, stage: str, t0: float) -> float:
         now = time.perf_counter()
@@ -435,6 +436,7 @@ class LiveSession:
                                                          xyz.cpu().numpy(), rgb.cpu().numpy())))
                     t = st.lap("write", t)
                 st.timings.setdefault("batch", []).append((t - t_batch) * 1e3)
+                st.batch_end_s.append(round(t - t_loop, 5))
                 if batch.index == 0:
                     st.memory["start"] = memory_use(self.map_device)
                 logger.info("batch %d: %d cameras, skew %.1f ms, %d points, map %d voxels", batch.index, len(names),
@@ -472,7 +474,7 @@ class LiveSession:
             "startup_ms": sum(st.timings.get("startup", [0.0])), "input_hw": list(st.hw),
             "vggt": {"runner": vggt_info, "runs": st.vggt_runs, "every": o.vggt_every},
             "depth": depth_info, "calibration": {k: asdict(v) for k, v in st.calibs.items()},
-            "memory_mib": st.memory,
+            "memory_mib": st.memory, "batch_end_s": st.batch_end_s,
             "map": {"voxels": len(self.map), "voxels_per_batch": st.map_sizes, "voxel_size": self.map.voxel_size, "max_voxels": self.map.max_voxels,
                     "evicted": self.map.evicted, "out_of_range_points": self.map.out_of_range},
             "files": {**files, "batches": batches_written},
