@@ -253,3 +253,23 @@ def test_prefetcher_hands_errors_to_the_consumer_and_stops() -> None:
         for item, prepared in batches:
             got.append((item, prepared))
     assert got == [(1, 10), (2, 20)]
+
+
+def test_live_loop_publishes_the_growing_map_and_active_cameras_to_the_viewer(tmp_path: Path) -> None:
+    pytest.importorskip("viser", reason="the viewer needs viser (requirements-view.txt)")
+    from vggt_trt.pipelines.sources import CameraSpec
+    from vggt_trt.view.live import LiveViewer
+
+    caps = {f"cam{i}": ReplayCapture(replay_frames(i)) for i in range(3)}
+    cams = [CameraSpec(n, i, live=False) for i, n in enumerate(caps)]
+    published: list[int] = []
+    with LiveViewer(port=0, max_points=10**7) as viewer:
+        publish = viewer.publish_map
+        viewer.publish_map = lambda xyz, rgb: (published.append(len(xyz)), publish(xyz, rgb))
+        opts = LiveOptions(source="webcams", out_dir=tmp_path / "out", model_name="tiny", depth_model="tiny",
+                           depth_random_init=True, max_batches=4, save_batches=False, viewer=viewer)
+        s = run_live(opts, cameras=cams, capture_factory=replay_factory(caps))
+        assert viewer.wait_idle(10)
+        stats = viewer.stats()
+    assert published == s["map"]["voxels_per_batch"] and published == sorted(published) and published[-1] > published[0]
+    assert stats["served_points"] == published[-1] and stats["served_cameras"] == 3 and stats["error"] is None

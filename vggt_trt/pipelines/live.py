@@ -238,6 +238,7 @@ class LiveSession:
         self.map: VoxelMap | None = None
         self.map_device = map_device(opts.device)
         self.viewer = opts.viewer
+        self._published_cameras: list[Any] = []
 
     # -- VGGT reference depth, in the map frame
     def _vggt(self, names: list[str], images: Any, maps: list[tuple], batch: int) -> dict[str, Any] | None:
@@ -368,6 +369,17 @@ class LiveSession:
         if done is not None and done[2] is not None:
             self._fit(*done)
 
+    def _publish(self, active: list[str]) -> None:
+        """Hand the map to the viewer (it drops, never queues); camera frusta only when they change."""
+        self.viewer.publish_map(*self.map.means())
+        posed = [n for n in self.st.names if self.st.calibs.get(n) and self.st.calibs[n].extrinsic is not None]
+        signature = [(n, n in active, self.st.calibs[n].extrinsic) for n in posed]
+        if posed and signature != self._published_cameras:
+            self._published_cameras = signature
+            self.viewer.set_cameras(np.array([self.st.calibs[n].extrinsic for n in posed]),
+                                    np.array([self.st.calibs[n].intrinsic for n in posed]), posed,
+                                    [n in active for n in posed], self.st.hw)
+
     def run(self) -> dict[str, Any]:
         o, st = self.o, self.st
         out = Path(o.out_dir)
@@ -430,7 +442,7 @@ class LiveSession:
                 st.map_sizes.append(len(self.map))
                 t = st.lap("fuse", t)
                 if self.viewer is not None:
-                    self.viewer.publish_map(*self.map.means())
+                    self._publish(names)
                 if o.save_batches:
                     batches_written.append(str(write_ply(out / "batches" / f"batch_{batch.index:05d}.ply",
                                                          xyz.cpu().numpy(), rgb.cpu().numpy())))
