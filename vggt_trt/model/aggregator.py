@@ -17,9 +17,9 @@ _RESNET_STD = (0.229, 0.224, 0.225)
 
 def _first_and_rest(token: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
     """[1, 2, n, C] -> [B*S, n, C]: index 0 for the first frame of each batch, index 1 for the rest."""
-    first = token[:, 0:1].expand(batch, 1, *token.shape[2:])
-    rest = token[:, 1:2].expand(batch, frames - 1, *token.shape[2:])
-    return torch.cat([first, rest], dim=1).reshape(batch * frames, *token.shape[2:])
+    # a gather, not expand(frames - 1): the view axis stays symbolic in exports over a range of view counts
+    index = (torch.arange(frames, device=token.device) > 0).long()
+    return token.index_select(1, index).expand(batch, frames, *token.shape[2:]).reshape(batch * frames, *token.shape[2:])
 
 
 class Aggregator(nn.Module):
@@ -89,7 +89,10 @@ class Aggregator(nn.Module):
             key = ("rope", grid, cfg.patch_start_idx, cfg.head_dim, cfg.rope_freq, tokens.device, dtype)
             rope = shape_constant(key, lambda: RopeTables.for_grid(
                 *grid, cfg.patch_start_idx, cfg.head_dim, cfg.rope_freq, tokens.device, dtype))
-            rope_global = shape_constant(key + (int(S),), lambda: rope.repeat(int(S)))
+            if isinstance(S, torch.SymInt):  # a dynamic view axis (export with --min-cams/--max-cams)
+                rope_global = rope.repeat(S)
+            else:
+                rope_global = shape_constant(key + (int(S),), lambda: rope.repeat(int(S)))
 
         outputs: dict[int, torch.Tensor] = {}
         frame_idx = global_idx = layer = 0
