@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-dir", type=Path, default=Path("onnx_exports"), help="artifacts (default: onnx_exports)")
     io.add_argument("--log-dir", type=Path, default=Path("logs"), help="run logs (default: logs)")
     geo = p.add_argument_group("model geometry")
-    geo.add_argument("--num-cams", type=int, default=8, help="views per forward (default 8)")
+    geo.add_argument("--num-cams", type=int, default=8,
+                     help="views per forward (default 8); with --min-cams/--max-cams the optimum of the range")
+    geo.add_argument("--min-cams", type=int,
+                     help="with --max-cams: one graph and engine for any view count in min..max (a dynamic view "
+                          "axis and a TensorRT optimisation profile; stem vggt-<min>to<max>x3xHxW)")
+    geo.add_argument("--max-cams", type=int, help="largest view count of a dynamic view axis (see --min-cams)")
     geo.add_argument("--height", type=int, default=518, help="input height, multiple of 14 (default 518)")
     geo.add_argument("--width", type=int, default=518, help="input width, multiple of 14 (default 518)")
     geo.add_argument("--pcd-only", action="store_true", help="only camera + depth heads (point clouds)")
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_torch(args: argparse.Namespace) -> int:
+    if args.min_cams is not None or args.max_cams is not None:
+        raise InputError("--min-cams/--max-cams build one ONNX graph and TensorRT engine for a range of view counts; "
+                         "--backend torch compiles for one input shape: drop them, or use --backend tensorrt-rtx "
+                         "(or tensorrt)")
     if args.export or args.onnx_in or args.all_precisions or args.quant_mode != "none":
         raise InputError("--backend torch compiles the PyTorch model directly: drop --export/--onnx-in/"
                          "--all-precisions/--quant-mode")
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return build_torch(args)
         opts = ConvertOptions(
             output_dir=args.output_dir, export=args.export, onnx_in=args.onnx_in, num_cams=args.num_cams,
+            min_cams=args.min_cams, max_cams=args.max_cams,
             height=args.height, width=args.width, pcd_only=args.pcd_only, model_name=args.model_name,
             weights=args.weights, random_init=args.random_init, seed=args.seed, opset=args.opset,
             precisions=parse_precisions(args.precision, args.all_precisions), quant_mode=args.quant_mode,

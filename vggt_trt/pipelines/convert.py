@@ -25,13 +25,14 @@ from tqdm import tqdm
 
 from ..accuracy import format_accuracy_table
 from ..atomic import atomic_path, write_json_atomic
-from ..errors import BuildError, GraphError, InputError, MissingDependencyError
+from ..errors import AccuracyError, BuildError, GraphError, InputError, MissingDependencyError
 from ..graph.export import ExportSpec, export_onnx
 from ..graph.io import copy_onnx, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256, save_onnx
 from ..graph.ort import assert_accuracy, compare_onnx_ort
 from ..graph.precision_cast import cast_precision
 from ..graph.sequences import assert_no_sequence_ops, remove_sequence_ops, repair_opset
 from ..graph.simplify import check_model, simplify
+from ..graph.views import check_view_axis, read_view_range, write_view_range
 from ..logs import quiet_third_party
 from ..model.vggt import VGGT
 from ..model.weights import build_model, config_for_model_name
@@ -40,6 +41,7 @@ from ..quant.calib import CalibrationSet, calibration_set
 from ..quant.modes import apply_quant_mode, finalize_quant_mode_graph
 from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
 from ..quant.trt10_calibrator import make_entropy_calibrator
+from ..views import ViewRange
 # modules, not names: tests (and users) swap import_tensorrt / build_engine on them
 from ..trt import backend as trt_backend
 from ..trt import build as trt_build
@@ -62,6 +64,8 @@ class ConvertOptions:
     export: bool = False
     onnx_in: Path | None = None
     num_cams: int = 8
+    min_cams: int | None = None  # with max_cams: one graph and engine for min..max views (num_cams: the optimum)
+    max_cams: int | None = None
     height: int = 518
     width: int = 518
     pcd_only: bool = False
@@ -96,7 +100,7 @@ class ConvertOptions:
         if bad:
             raise InputError(f"unknown precision {bad}; choose from {', '.join(PRECISIONS)}")
         if self.onnx_in is None:
-            ExportSpec(self.num_cams, self.height, self.width, self.pcd_only, self.opset)
+            self.export_spec()
         if any(p in QDQ_PRECISIONS for p in self.precisions) or self.quant_mode != "none":
             if self.calib_batches < 1:
                 raise InputError(f"--calib-batches must be at least 1, found {self.calib_batches}")
@@ -111,6 +115,10 @@ class ConvertOptions:
                              "--skip-build; for a calibrated graph without a build use the Q/DQ path "
                              "(--precision int8 without --int8-calibrator)")
         check_writable(self.output_dir)
+
+    def export_spec(self) -> ExportSpec:
+        return ExportSpec(self.num_cams, self.height, self.width, self.pcd_only, self.opset,
+                          min_cams=self.min_cams, max_cams=self.max_cams)
 
 
 def check_writable(directory: Path) -> None:
@@ -147,13 +155,17 @@ def _int8_calibrator(onnx_path: Path, opts: ConvertOptions) -> Any:
     """The TensorRT 10 entropy calibrator for ``onnx_path`` (fp32 graph), its cache in the output directory."""
     trt, info = trt_backend.import_tensorrt(opts.backend)
     _require_calibrator_backend(info)
-    spec = spec_from_onnx(onnx_path)
+    spec = spec_from_onnx(onnx_path, opts)
     return make_entropy_calibrator(trt, calibration(opts, spec), opts.output_dir, input_name=spec.input_name,
                                    input_shape=spec.input_shape, graph_fingerprint=onnx_sha256(onnx_path))
 
 
-def spec_from_onnx(path: Path) -> ExportSpec:
-    """Read the export shape from an existing graph; raise InputError when it is not a VGGT graph."""
+def spec_from_onnx(path: Path, opts: ConvertOptions | None = None) -> ExportSpec:
+    """Read the export shape from an existing graph; raise InputError when it is not a VGGT graph.
+
+    A graph with a dynamic view axis takes its range from its metadata, or from ``--min-cams``/``--max-cams``
+    (with ``--num-cams`` as the optimum), which also override the metadata.
+    """
     if not path.is_file():
         raise InputError(f"--onnx-in: file not found: {path}")
     try:
@@ -163,13 +175,32 @@ def spec_from_onnx(path: Path) -> ExportSpec:
     inputs, outputs = io["inputs"], {o["name"] for o in io["outputs"]}
     shape = inputs[0]["shape"] if len(inputs) == 1 else None
     missing = [o for o in REQUIRED_OUTPUTS if o not in outputs]
-    if shape is None or len(shape) != 4 or shape[1] != 3 or missing or not all(isinstance(d, int) for d in shape):
+    if shape is None or len(shape) != 4 or shape[1] != 3 or missing or not all(isinstance(d, int) for d in shape[1:]):
         raise InputError(
-            f"--onnx-in: {path} is not a VGGT graph: expected one static input [N,3,H,W] and outputs "
+            f"--onnx-in: {path} is not a VGGT graph: expected one input [N,3,H,W] (N may be dynamic) and outputs "
             f"{list(REQUIRED_OUTPUTS)}; found inputs {[(i['name'], i['shape']) for i in inputs]}, "
             f"outputs {sorted(outputs)}"
         )
-    return ExportSpec(shape[0], shape[2], shape[3], pcd_only="world_points" not in outputs, input_name=inputs[0]["name"])
+    common = dict(pcd_only="world_points" not in outputs, input_name=inputs[0]["name"])
+    flags = opts is not None and opts.min_cams is not None
+    if isinstance(shape[0], int):
+        if flags:
+            raise InputError(f"--onnx-in: {path} takes exactly {shape[0]} views (a fixed view axis); --min-cams/"
+                             "--max-cams need a graph exported with them (vggt_to_trt.py --export --min-cams A "
+                             "--max-cams B)")
+        return ExportSpec(shape[0], shape[2], shape[3], **common)
+    views = ViewRange(opts.min_cams, opts.num_cams, opts.max_cams) if flags else read_view_range(path)
+    if views is None:
+        raise InputError(f"--onnx-in: {path} has a dynamic view axis ({shape[0]!r}) but no recorded view range; "
+                         "pass --min-cams A --max-cams B (and --num-cams as the optimum)")
+    return ExportSpec(views.opt, shape[2], shape[3], min_cams=views.min, max_cams=views.max, **common)
+
+
+def keep_view_axis(path: Path, spec: ExportSpec, stage: str) -> None:
+    """After a pass over a dynamic-view graph: check the axis is still symbolic and carry the range along."""
+    if spec.dynamic_views:
+        check_view_axis(path, spec.input_name, stage)
+        write_view_range(path, spec.view_range)
 
 
 def calibration(opts: ConvertOptions, spec: ExportSpec) -> CalibrationSet:
@@ -251,9 +282,11 @@ def stage_check(path: Path) -> dict[str, Any]:
     return {"path": str(path), "checker": "passed"}
 
 
-def verification_feeds(spec: ExportSpec, seed: int = 7) -> dict[str, np.ndarray]:
+def verification_feeds(spec: ExportSpec, seed: int = 7) -> dict[int, dict[str, np.ndarray]]:
+    """Random inputs per checked view count: the export shape, plus the ends of a dynamic view range."""
     rng = np.random.default_rng(seed)
-    return {spec.input_name: rng.random(spec.input_shape, dtype=np.float32)}
+    r = spec.view_range
+    return {n: {spec.input_name: rng.random(spec.shape_at(n), dtype=np.float32)} for n in sorted({r.min, r.opt, r.max})}
 
 
 def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: bool) -> dict[str, Any]:
@@ -267,10 +300,18 @@ def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: b
         logger.info("%s: numeric check skipped (graph too large for CPU; --verify forces it)", dst.name)
         return report
     backend = "reference" if precision == "bf16" else "ort"  # ORT CPU has no bf16 kernels
-    errors = compare_onnx_ort(src, dst, verification_feeds(spec), backend=backend)
+    checks = {views: compare_onnx_ort(src, dst, feeds, backend=backend)
+              for views, feeds in verification_feeds(spec).items()}
+    errors = checks[spec.num_cams]
     report["verification"] = {"against": str(src), "runtime": "onnxruntime-cpu" if backend == "ort" else
                               "onnx.reference", "errors": errors, "tolerance_rel_l2": CAST_TOLERANCE[precision]}
-    assert_accuracy(errors, CAST_TOLERANCE[precision])
+    if spec.dynamic_views:
+        report["verification"]["errors_by_views"] = checks
+    for views, found in checks.items():
+        try:
+            assert_accuracy(found, CAST_TOLERANCE[precision])
+        except AccuracyError as exc:
+            raise AccuracyError(f"{dst.name} at {views} views: {exc}") from exc
     return report
 
 
@@ -289,14 +330,16 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
     return report
 
 
-def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: ConvertOptions) -> dict[str, Any]:
+def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: ConvertOptions,
+                profile: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build one engine; ``profile`` (input -> (min, opt, max) shapes) for a graph with a dynamic view axis."""
     calibrator = _int8_calibrator(onnx_path, opts) if opts.int8_calibrator and precision == "int8" else None
     try:
         result = trt_build.build_engine(
             onnx_path, engine_path, precision, backend=opts.backend, workspace_gb=opts.workspace_gb,
             opt_level=opts.opt_level, max_aux_streams=opts.max_aux_streams,
             timing_cache_path=opts.output_dir / "trt_timing.cache",
-            compute_capabilities=list(opts.compute_capabilities) or None, calibrator=calibrator,
+            compute_capabilities=list(opts.compute_capabilities) or None, calibrator=calibrator, profile=profile,
         )
     except BuildError:
         if calibrator is not None:
@@ -383,21 +426,21 @@ def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
     timings: dict[str, float] = {}
     shared: dict[str, Any] = {}
     if opts.export:
-        spec = ExportSpec(opts.num_cams, opts.height, opts.width, opts.pcd_only, opts.opset)
+        spec = opts.export_spec()
         raw = out / f"{spec.stem}.onnx"
         shared["export"] = timed(timings, "export", stage_export, opts, spec, raw,
                                  isolate=model_weight_bytes(opts.model_name) > ISOLATE_BYTES)
     else:
-        spec = spec_from_onnx(Path(opts.onnx_in))
+        spec = spec_from_onnx(Path(opts.onnx_in), opts)
         raw = Path(opts.onnx_in)
         logger.info("stage export             skipped: using --onnx-in %s (%s)", raw, spec.stem)
         shared["export"] = {"skipped": f"--onnx-in {raw}"}
-    final, large = clean_graph(raw, spec.stem, opts, timings, shared)
+    final, large = clean_graph(raw, spec.stem, opts, timings, shared, spec)
     return convert_precisions(opts, spec, final, timings, shared, large)
 
 
 def clean_graph(raw: Path, stem: str, opts: ConvertOptions, timings: dict[str, float],
-                shared: dict[str, Any]) -> tuple[Path, bool]:
+                shared: dict[str, Any], spec: Any = None) -> tuple[Path, bool]:
     """Sequence removal, simplify, the quant-mode check (when the export applied one) and the onnx checker.
 
     Fills ``shared`` with the stage reports; returns the graph the precision stages start from and
@@ -406,12 +449,19 @@ def clean_graph(raw: Path, stem: str, opts: ConvertOptions, timings: dict[str, f
     out = opts.output_dir
     noseq, simp = out / f"{stem}.NOSEQ.onnx", out / f"{stem}.simp.onnx"
     shared["remove_sequences"] = timed(timings, "remove_sequences", stage_remove_sequences, raw, noseq, opts.opset)
+    views = spec if isinstance(spec, ExportSpec) and spec.dynamic_views else None
+    if views:
+        keep_view_axis(noseq, views, "sequence removal")
     large = graph_bytes(noseq) > ISOLATE_BYTES
     shared["simplify"] = timed(timings, "simplify", stage_simplify, noseq, simp, opts.no_simplify, isolate=large)
     final = Path(shared["simplify"]["path"])
+    if views and final != noseq:
+        keep_view_axis(final, views, "simplification")
     if shared["export"].get("quant_mode"):
         shared["quant_mode_check"] = timed(timings, "quant_mode_check", finalize_quant_mode_graph, final,
                                            shared["export"]["quant_mode"], isolate=large)
+        if views:
+            keep_view_axis(final, views, "the quant-mode check")
     shared["check"] = timed(timings, "check", stage_check, final)
     return final, large
 
@@ -451,6 +501,9 @@ def _convert_precision(opts: ConvertOptions, spec: Any, final: Path, precision: 
             "TensorRT 10 legacy path: weakly typed network with precision flags"
         logger.info("stage precision_graph    skipped for %s: %s", precision, why)
         report["stages"]["precision_graph"] = {"skipped": why}
+    dynamic = isinstance(spec, ExportSpec) and spec.dynamic_views
+    if dynamic and graph != final:
+        keep_view_axis(graph, spec, f"the {precision} precision pass")
     report["onnx"] = {"path": str(graph), "sha256": onnx_sha256(graph), "io": io_summary(graph)}
     engine = out / f"{spec.stem}_{precision}.engine"
     if opts.skip_build:
@@ -458,7 +511,7 @@ def _convert_precision(opts: ConvertOptions, spec: Any, final: Path, precision: 
         report["stages"]["build"] = {"skipped": "--skip-build"}
     else:
         report["stages"]["build"] = timed(timings, f"build_{precision}", stage_build, graph, engine, precision, opts,
-                                           isolate=large)
+                                           spec.profile() if dynamic else None, isolate=large)
         report["engine"] = {"path": str(engine), "bytes": engine.stat().st_size}
     if precision == "int8":
         calibration_report = report["stages"]["build"].get("int8_calibration", {})

@@ -3,7 +3,9 @@
 Polygraphy's runner contract: a runner is built cheaply (it only stores its arguments), ``activate()``
 loads the engine/session/model, ``infer(feeds)`` runs one forward and records ``last_inference_ms``,
 ``deactivate()`` frees everything; ``with runner:`` does both. ``input_metadata()`` gives each input's
-shape (``None`` for a dynamic axis) and numpy dtype, read from the engine, graph or model config.
+shape (``None`` for a dynamic axis), its accepted range where one is known (an engine's optimisation
+profile, a graph's recorded view range) and numpy dtype, read from the engine, graph or model config;
+``view_range()`` is the range of views per forward (what a live loop needs when a camera drops out).
 
 Timing: on a GPU ``last_inference_ms`` comes from CUDA events around the forward on the runner's stream
 (host transfers excluded); on CPU from ``time.perf_counter``. :func:`vggt_trt.runtime.benchmark.benchmark`
@@ -20,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, VggtTrtError
+from ..views import ViewRange
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +33,46 @@ class RuntimeUnavailableError(VggtTrtError):
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """One input or output: shape (``None`` for a dynamic axis) and numpy dtype name."""
+    """One input or output: shape (``None`` for a dynamic axis) and numpy dtype name; for dynamic inputs with
+    a known range the smallest, tuned-for and largest shapes accepted (TensorRT's min/opt/max)."""
 
     name: str
     shape: tuple[int | None, ...]
     dtype: str
+    min_shape: tuple[int, ...] | None = None
+    opt_shape: tuple[int, ...] | None = None
+    max_shape: tuple[int, ...] | None = None
 
     @property
     def fixed(self) -> bool:
         return all(isinstance(d, int) and d > 0 for d in self.shape)
 
+    def with_views(self, views: ViewRange | None) -> "TensorMeta":
+        """This [S,3,H,W] input with axis 0 ranging over ``views`` (no change when None or not dynamic)."""
+        if views is None or self.shape[0] is not None or not all(self.shape[1:]):
+            return self
+        rest = tuple(int(d) for d in self.shape[1:])
+        return TensorMeta(self.name, self.shape, self.dtype, (views.min, *rest), (views.opt, *rest),
+                          (views.max, *rest))
+
+    def range_error(self, shape: Sequence[int]) -> str | None:
+        """Why ``shape`` (rank and fixed axes already checked) is outside the accepted range; None if inside."""
+        if self.min_shape is None or self.max_shape is None:
+            return None
+        outside = [i for i, (lo, d, hi) in enumerate(zip(self.min_shape, shape, self.max_shape)) if not lo <= d <= hi]
+        if not outside:
+            return None
+        if outside == [0] and len(shape) == 4:
+            return (f"has {shape[0]} views (shape {list(shape)}); it takes {self.min_shape[0]} to "
+                    f"{self.max_shape[0]} views")
+        return f"has shape {list(shape)}; it takes shapes from {list(self.min_shape)} to {list(self.max_shape)}"
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.min_shape is not None:
+            out.update(min_shape=list(self.min_shape), opt_shape=list(self.opt_shape or self.min_shape),
+                       max_shape=list(self.max_shape or self.min_shape))
+        return out
 
 
 def dims(shape: Sequence[Any]) -> tuple[int | None, ...]:
@@ -93,6 +124,15 @@ class Runner:
         self.require_active()
         return self.output_names_impl()
 
+    def view_range(self) -> ViewRange | None:
+        """Views per forward this runner takes (min, opt, max; all equal for a fixed shape); None when any count
+        goes (the PyTorch model, graphs without a recorded range)."""
+        meta = self.input_metadata()
+        if len(meta) != 1 or len(meta[0].shape) != 4:
+            raise InputError(f"{self.name}: expected one [S,3,H,W] image input, found {[m.to_dict() for m in meta]}")
+        m = meta[0]
+        return ViewRange.of_shape(m.shape, m.min_shape, m.opt_shape, m.max_shape)
+
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one forward on host arrays; returns host arrays keyed by output name."""
         out = self.infer_device(feeds)
@@ -129,6 +169,9 @@ class Runner:
             if len(shape) != len(m.shape) or any(d is not None and d != s for d, s in zip(m.shape, shape)):
                 raise InputError(f"{self.name}: input {name!r} has shape {list(shape)}, expected {list(m.shape)} "
                                  "(None = any size)")
+            outside = m.range_error(shape)
+            if outside:
+                raise InputError(f"{self.name}: input {name!r} {outside}")
 
     # -- hooks
     def activate_impl(self) -> None:
@@ -149,11 +192,13 @@ class Runner:
 
 def random_feeds(meta: Sequence[TensorMeta], default_shape: Sequence[int] = (2, 3, 518, 518),
                  seed: int = 0) -> dict[str, np.ndarray]:
-    """Uniform [0, 1) inputs for the runner's inputs; dynamic axes take ``default_shape``'s values."""
+    """Uniform [0, 1) inputs for the runner's inputs; dynamic axes take the optimum shape where a range is known,
+    else ``default_shape``'s values."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for m in meta:
-        shape = [d if d is not None else int(default_shape[i]) for i, d in enumerate(m.shape)]
+        fallback = m.opt_shape or default_shape
+        shape = [d if d is not None else int(fallback[i]) for i, d in enumerate(m.shape)]
         feeds[m.name] = rng.random(shape, dtype=np.float32).astype(m.dtype)
     return feeds
 
