@@ -398,3 +398,21 @@ def create_context(engine: Any, runtime_cache_blob: bytes | None) -> tuple[Any, 
 
 def serialize_runtime_cache(cache: Any) -> bytes:
     return bytes(memoryview(cache.serialize()))
+
+
+def add_optimization_profile(builder: Any, config: Any, shapes: dict[str, tuple[Any, Any, Any]]) -> Any:
+    """One optimisation profile: input name -> (min, opt, max) shapes; raise InputError when TensorRT refuses it."""
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi))
+    if config.add_optimization_profile(profile) < 0:
+        raise InputError(f"TensorRT refused the optimisation profile {shapes}: each input needs min <= opt <= max "
+                         "and the network's fixed axes")
+    return profile
+
+
+def profile_shapes(engine: Any, name: str, index: int = 0) -> tuple[tuple[int, ...], ...] | None:
+    """(min, opt, max) shapes of input ``name`` in optimisation profile ``index``; None without profiles."""
+    if getattr(engine, "num_optimization_profiles", 0) < 1:
+        return None
+    return tuple(tuple(int(d) for d in shape) for shape in engine.get_tensor_profile_shape(name, index))

@@ -27,7 +27,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import backend as tb
 from . import cache_files
@@ -57,6 +57,7 @@ class BuildResult:
     skipped_settings: dict[str, str] = field(default_factory=dict)
     compute_capabilities: list[str] | None = None
     target_gpu: dict[str, Any] | None = None  # the GPU that CURRENT / a full-TensorRT build was made for
+    profile: dict[str, dict[str, list[int]]] | None = None  # input -> min/opt/max shapes (dynamic inputs)
     timing_cache: dict[str, Any] = field(default_factory=dict)
     parse_seconds: float = 0.0
     build_seconds: float = 0.0
@@ -304,6 +305,28 @@ def _validate(onnx_path: Path, engine_path: Path, precision: str, workspace_gb: 
         raise InputError(f"max_aux_streams must be >= 0 (or -1 for TensorRT's default), got {max_aux_streams}")
 
 
+def _check_profile(network: Any, profile: Mapping[str, Any], onnx_p: Path) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The profile's shapes, checked against the network inputs: every dynamic input needs one, and they must
+    agree with the fixed axes."""
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    unknown = sorted(set(profile) - set(inputs))
+    if unknown:
+        raise InputError(f"optimisation profile names {unknown}, but {onnx_p.name} has inputs {sorted(inputs)}")
+    dynamic = sorted(n for n, shape in inputs.items() if any(d < 0 for d in shape))
+    missing = [n for n in dynamic if n not in profile]
+    if missing:
+        raise InputError(f"{onnx_p.name}: inputs {missing} have dynamic axes ({[list(inputs[n]) for n in missing]}); "
+                         "give their (min, opt, max) shapes as an optimisation profile")
+    shapes = {}
+    for name, mmo in profile.items():
+        shapes[name] = tuple(tuple(int(d) for d in s) for s in mmo)
+        for s in shapes[name]:
+            if len(s) != len(inputs[name]) or any(f >= 0 and f != d for f, d in zip(inputs[name], s)):
+                raise InputError(f"optimisation profile shape {list(s)} for {name} does not fit {onnx_p.name}'s "
+                                 f"input shape {list(inputs[name])} (-1: dynamic)")
+    return shapes
+
+
 # ------------------------------------------------------------------------------------------------- build
 def build_engine(
     onnx_path: str | os.PathLike,
@@ -319,6 +342,7 @@ def build_engine(
     calibrator: Any = None,
     strongly_typed: bool | None = None,
     strict: bool = False,
+    profile: Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]] | None = None,
 ) -> BuildResult:
     """Parse ``onnx_path``, build a ``precision`` engine and write it atomically to ``engine_path``.
 
@@ -326,6 +350,7 @@ def build_engine(
     TensorRT-RTX) and the legacy weakly typed path with precision flags on TensorRT 10. ``strict`` turns
     "requested precision absent from the parsed network" into BuildError; the same check on the built engine
     stays a warning (fused blocks hide inner types). An existing engine is replaced only on success.
+    ``profile`` (input name -> (min, opt, max) shapes) is required for, and only for, inputs with dynamic axes.
     """
     t_start = time.perf_counter()
     onnx_p, engine_p = Path(onnx_path), Path(engine_path)
@@ -380,6 +405,14 @@ def build_engine(
     tb.set_config(config, "builder_optimization_level", opt_level, skipped)
     if max_aux_streams >= 0:
         tb.set_config(config, "max_aux_streams", max_aux_streams, skipped)
+    shapes = _check_profile(network, profile or {}, onnx_p)
+    if shapes:
+        opt_profile = tb.add_optimization_profile(builder, config, shapes)
+        result.profile = {name: dict(zip(("min", "opt", "max"), (list(s) for s in mmo))) for name, mmo in shapes.items()}
+        logger.info("optimisation profile: %s", "; ".join(f"{n} min {v['min']} opt {v['opt']} max {v['max']}"
+                                                           for n, v in result.profile.items()))
+        if calibrator is not None:
+            tb.set_config(config, "calibration_profile", opt_profile, skipped)
     if hasattr(trt, "ProfilingVerbosity"):  # per-layer detail for the engine inspector
         tb.set_config(config, "profiling_verbosity", trt.ProfilingVerbosity.DETAILED, skipped)
     monitor = tb.make_progress_monitor(trt)
