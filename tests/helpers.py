@@ -106,6 +106,25 @@ def export_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def convert_tiny_dynamic(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Once per session: the tiny pcd-only model converted with a dynamic view axis (2..5 views, optimum 3,
+    28x28) to an fp16 graph, and built by TensorRT-RTX when installed. Returns the build report."""
+    import json
+
+    out = tmp_path_factory.getbasetemp() / "tiny-dynamic"
+    report = out / "vggt-2to5x3x28x28-pcd_fp16.json"
+    if not report.is_file():
+        import importlib.util
+
+        from vggt_trt.pipelines.convert import ConvertOptions, convert
+
+        convert(ConvertOptions(output_dir=out, export=True, model_name="tiny", num_cams=3, min_cams=2, max_cams=5,
+                               height=28, width=28, pcd_only=True, precisions=("fp16",), backend="tensorrt-rtx",
+                               opt_level=0, workspace_gb=1,
+                               skip_build=importlib.util.find_spec("tensorrt_rtx") is None))
+    return json.loads(report.read_text())
+
+
 def build_rtx_engine(onnx_path: Path, engine_path: Path) -> Path:
     """An fp32 engine built ahead of time by TensorRT-RTX on CPU; skips when tensorrt_rtx is missing."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed: no engine can be built here")

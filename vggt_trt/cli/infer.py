@@ -84,6 +84,7 @@ def load_feeds(runner: Runner, images: str | None = None, npy: str | None = None
     """Inputs for ``runner``: images (folder/glob, preprocessed to its input shape), a ``.npy``, or random."""
     meta = _image_meta(runner)
     s_fixed, _, h_fixed, w_fixed = meta.shape
+    views = runner.view_range()
     default_size = size or (runner.config.img_size if isinstance(runner, TorchRunner) else 518)
     if npy:
         try:
@@ -97,7 +98,7 @@ def load_feeds(runner: Runner, images: str | None = None, npy: str | None = None
         return {meta.name: arr.astype(np.float32, copy=False)}, [f"{Path(npy).name}[{i}]" for i in range(arr.shape[0])]
     if images:
         paths, bad = readable_images(list_images(images))
-        want = s_fixed or num_cams or len(paths)
+        want = s_fixed or num_cams or (max(views.min, min(len(paths), views.max)) if views else len(paths))
         if len(paths) < want:
             raise InputError(f"{images}: {len(paths)} readable images, the model needs {want}"
                              + (f" ({len(bad)} unreadable: {', '.join(p.name for p, _ in bad)})" if bad else ""))
@@ -109,7 +110,7 @@ def load_feeds(runner: Runner, images: str | None = None, npy: str | None = None
         else:
             arr = load_and_preprocess_images(paths, mode=preprocess, target_size=default_size)
         return {meta.name: arr}, [p.name for p in paths]
-    shape = (s_fixed or num_cams or 2, 3, h_fixed or default_size, w_fixed or default_size)
+    shape = (s_fixed or num_cams or (views.opt if views else 2), 3, h_fixed or default_size, w_fixed or default_size)
     logger.info("no --images/--npy: random input of shape %s (seed %d)", list(shape), seed)
     return random_feeds([meta], shape, seed), [f"random[{i}]" for i in range(shape[0])]
 
@@ -123,6 +124,18 @@ def save_outputs(path: str | os.PathLike, outputs: dict[str, np.ndarray]) -> Pat
 
 
 # ----------------------------------------------------------------------------------------- engine sweep
+def views_text(runner: Runner) -> str:
+    """The runner's views per forward as the I/O listing and the sweep table show them: ``8``, ``2..16``, ``any``
+    (``-`` for a model without one [S,3,H,W] input)."""
+    meta = runner.input_metadata()
+    if len(meta) != 1 or len(meta[0].shape) != 4:
+        return "-"
+    views = runner.view_range()
+    if views is None:
+        return "any"
+    return str(views.min) if views.min == views.max else f"{views.min}..{views.max}"
+
+
 def engine_facts(engine: Path, root: Path) -> dict[str, str]:
     """Quant mode (the engine's folder under ``root``) and precision (``_<prec>`` name suffix) of an engine."""
     rel_parent = engine.parent.relative_to(root)
@@ -145,10 +158,12 @@ def sweep_engines(root: str | os.PathLike, warmup: int = 3, iters: int = 10, trt
         row: dict[str, Any] = {"engine": str(path), **engine_facts(path, root_p)}
         try:
             with make_runner(path, "engine", trt_backend=trt_backend) as runner:
+                row["views"] = views_text(runner)
                 feeds = random_feeds(runner.input_metadata(), seed=seed)
                 res = benchmark(runner, feeds, warmup, iters)
-            row.update(status="ok", fps=res.fps, latency_ms=res.latency_ms["median"],
-                       p90_ms=res.latency_ms["p90"], peak_device_memory_mb=res.peak_device_memory_mb)
+            timed_shape = next(iter(res.input_shapes.values()))
+            row.update(status="ok", benchmark_views=timed_shape[0] if timed_shape else None, fps=res.fps,
+                       latency_ms=res.latency_ms["median"], p90_ms=res.latency_ms["p90"], peak_device_memory_mb=res.peak_device_memory_mb)
         except VggtTrtError as exc:
             row.update(status="cannot run", reason=str(exc))
             logger.warning("%s: cannot run here: %s", path.name, exc)
@@ -160,16 +175,20 @@ def sweep_engines(root: str | os.PathLike, warmup: int = 3, iters: int = 10, trt
 
 
 def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
-    """The ranked summary table: rank, FPS, latency, quant mode, precision, engine (reason when it cannot run)."""
-    head = f"{'rank':>4}  {'FPS':>8}  {'latency ms':>10}  {'quant mode':<20} {'precision':<9} engine"
+    """The ranked summary table: rank, FPS, latency, views (the engine's range; a dynamic engine is timed at its
+    optimum), quant mode, precision, engine (reason when it cannot run)."""
+    head = f"{'rank':>4}  {'FPS':>8}  {'latency ms':>10}  {'views':<10} {'quant mode':<20} {'precision':<9} engine"
     lines = [head, "-" * len(head)]
     for r in rows:
+        views = r.get("views", "?")
         if r["status"] == "ok":
-            lines.append(f"{r['rank']:>4}  {r['fps']:>8.2f}  {r['latency_ms']:>10.2f}  {r['quant_mode']:<20} "
-                         f"{r['precision']:<9} {r['engine']}")
+            if views != str(r.get("benchmark_views", views)):
+                views = f"{views}@{r['benchmark_views']}"
+            lines.append(f"{r['rank']:>4}  {r['fps']:>8.2f}  {r['latency_ms']:>10.2f}  {views:<10} "
+                         f"{r['quant_mode']:<20} {r['precision']:<9} {r['engine']}")
         else:
-            lines.append(f"{'-':>4}  {'-':>8}  {'-':>10}  {r['quant_mode']:<20} {r['precision']:<9} {r['engine']}"
-                         f"\n{'':>6}cannot run here: {r['reason']}")
+            lines.append(f"{'-':>4}  {'-':>8}  {'-':>10}  {views:<10} {r['quant_mode']:<20} {r['precision']:<9} "
+                         f"{r['engine']}\n{'':>6}cannot run here: {r['reason']}")
     return "\n".join(lines)
 
 
@@ -252,7 +271,10 @@ def run(args: argparse.Namespace) -> int:
             report["io"] = io
             print(f"{runner.name} ({runner.device})")
             for m in io["inputs"]:
-                print(f"  input  {m['name']:<18} {str(m['shape']):<24} {m['dtype']}")
+                span = f"  min {m['min_shape']} opt {m['opt_shape']} max {m['max_shape']}" if "min_shape" in m else ""
+                print(f"  input  {m['name']:<18} {str(m['shape']):<24} {m['dtype']}{span}")
+            io["views"] = views_text(runner)
+            print(f"  views  {io['views']}")
             for name in io["outputs"]:
                 print(f"  output {name}")
             if not args.list_io:

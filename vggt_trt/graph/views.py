@@ -27,7 +27,11 @@ VIEW_RANGE_KEY = "vggt_trt.view_range"
 def read_view_range(model: str | os.PathLike | onnx.ModelProto) -> ViewRange | None:
     """The view range stored in a graph's metadata; None when it has none."""
     props = {p.key: p.value for p in as_model(model).metadata_props}
-    value = props.get(VIEW_RANGE_KEY)
+    return parse_view_range(props.get(VIEW_RANGE_KEY))
+
+
+def parse_view_range(value: str | None) -> ViewRange | None:
+    """``"min,opt,max"`` (the metadata value) as a ViewRange; None for None."""
     if value is None:
         return None
     try:

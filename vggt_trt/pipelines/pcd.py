@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..recon import geometry as geo, pointcloud as pc, rig
 from ..recon.preprocess import load_and_preprocess_images, official_resize_hw, preprocess_to_shape, readable_images
 from ..runtime.torch_runner import TorchRunner
+from ..views import ViewRange
 from .options import VggtModelOptions
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,24 @@ class Timer:
         self._t = now
 
 
-def select_views(scene: rig.Scene, opts: PcdOptions, needed: int | None) -> tuple[list[str], list[Path],
-                                                                                  list[dict[str, str]]]:
-    """Readable frame ``opts.frame`` of up to ``needed`` cameras; broken images are reported and replaced if allowed."""
+def select_views(scene: rig.Scene, opts: PcdOptions, needed: int | None, views: ViewRange | None = None
+                 ) -> tuple[list[str], list[Path], list[dict[str, str]]]:
+    """Readable frame ``opts.frame`` of up to ``needed`` cameras; broken images are reported and replaced if allowed.
+
+    With a model that takes a range of view counts (``views``) and no fixed count asked for, every readable
+    camera up to ``views.max`` is used, and cameras that drop out (unreadable, no such frame) are left out as
+    long as ``views.min`` remain.
+    """
     order, explicit = rig.candidate_views(scene, opts.views, opts.random_views, opts.seed)
-    want = needed or (len(order) if explicit else min(opts.random_views or 8, len(order)))
+    flexible = views is not None and needed is None
+    default = views.max if flexible else 8
+    want = needed or (len(order) if explicit else min(opts.random_views or default, len(order)))
     if explicit and len(order) != want:
         raise InputError(f"--views names {len(order)} cameras but the model takes {want} views (--num_cams)")
+    if views is not None and want not in views:
+        raise InputError(f"{want} views asked for (--views/--num_cams/--random_views), but the model takes "
+                         f"{views.min} to {views.max} views")
+    least = views.min if flexible else want
     names, paths, skipped = [], [], []
     for name in order:
         if len(names) == want:
@@ -109,10 +121,13 @@ def select_views(scene: rig.Scene, opts: PcdOptions, needed: int | None) -> tupl
             continue
         names.append(name)
         paths.append(ok[0])
-    if len(names) < want:
+    if len(names) < least:
         broken = "; ".join(f"{s['view']}: {s.get('image', '')} {s['reason']}" for s in skipped)
-        raise InputError(f"{scene.root}: only {len(names)} readable views, {want} needed (--num_cams)"
+        raise InputError(f"{scene.root}: only {len(names)} readable views, {least} needed (--num_cams)"
                          + (f"; skipped {broken}" if broken else ""))
+    if len(names) < want:
+        logger.warning("using %d views instead of %d: %d cameras dropped out (the model takes %d to %d views)",
+                       len(names), want, want - len(names), views.min, views.max)
     return names, paths, skipped
 
 
@@ -183,7 +198,7 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
         if s_fixed and opts.num_cams and opts.num_cams != s_fixed:
             raise InputError(f"--num_cams {opts.num_cams}, but {runner.name} takes exactly {s_fixed} views")
         needed = s_fixed or opts.num_cams
-        names, paths, skipped = select_views(scene, opts, needed)
+        names, paths, skipped = select_views(scene, opts, needed, runner.view_range())
         # known poses / intrinsics are checked before any inference or output
         centers = rig.load_pose_centers(opts.poses, names, opts.poses_convention) if opts.poses else None
         known_k = rig.load_intrinsics(opts.intrinsics, names) if opts.intrinsics else None

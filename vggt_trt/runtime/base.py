@@ -190,14 +190,14 @@ class Runner:
         raise NotImplementedError
 
 
-def random_feeds(meta: Sequence[TensorMeta], default_shape: Sequence[int] = (2, 3, 518, 518),
+def random_feeds(meta: Sequence[TensorMeta], default_shape: Sequence[int] | None = None,
                  seed: int = 0) -> dict[str, np.ndarray]:
-    """Uniform [0, 1) inputs for the runner's inputs; dynamic axes take the optimum shape where a range is known,
-    else ``default_shape``'s values."""
+    """Uniform [0, 1) inputs for the runner's inputs; dynamic axes take ``default_shape``'s values, else the
+    optimum shape where a range is known, else [2, 3, 518, 518]'s."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for m in meta:
-        fallback = m.opt_shape or default_shape
+        fallback = default_shape or m.opt_shape or (2, 3, 518, 518)
         shape = [d if d is not None else int(fallback[i]) for i, d in enumerate(m.shape)]
         feeds[m.name] = rng.random(shape, dtype=np.float32).astype(m.dtype)
     return feeds

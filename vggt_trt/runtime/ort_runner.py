@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import GraphError, InputError, MissingDependencyError
 from ..graph.ort import ort_errors
+from ..graph.views import VIEW_RANGE_KEY, parse_view_range
 from .base import Runner, RuntimeUnavailableError, TensorMeta, dims
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class OrtRunner(Runner):
         self.requested_providers = list(providers) if providers else None
         self.opt_level, self.threads = opt_level, threads
         self.session: Any = None
+        self.views = None  # the view range the graph records (a dynamic view axis), read on activation
 
     def activate_impl(self) -> None:
         if not self.path.is_file():
@@ -68,13 +70,15 @@ class OrtRunner(Runner):
         used = self.session.get_providers()
         self.device = "cuda" if "CUDAExecutionProvider" in used or "TensorrtExecutionProvider" in used else "cpu"
         self.providers = used
+        self.views = parse_view_range(self.session.get_modelmeta().custom_metadata_map.get(VIEW_RANGE_KEY))
         logger.info("ONNX Runtime %s providers: %s (optimisation level %s)", ort.__version__, used, self.opt_level)
 
     def deactivate_impl(self) -> None:
         self.session = None
 
     def input_metadata_impl(self) -> list[TensorMeta]:
-        return [TensorMeta(i.name, dims(i.shape), _ort_dtype(i.type)) for i in self.session.get_inputs()]
+        metas = [TensorMeta(i.name, dims(i.shape), _ort_dtype(i.type)) for i in self.session.get_inputs()]
+        return [m.with_views(self.views) if len(m.shape) == 4 else m for m in metas]
 
     def output_names_impl(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
