@@ -254,8 +254,9 @@ class TrtRunner(Runner):
 
     def _meta(self, name: str) -> TensorMeta:
         dtype = tb.dtype_name(self.engine.get_tensor_dtype(name))
-        return TensorMeta(name, dims(tuple(self.engine.get_tensor_shape(name))),
-                          np.dtype(_NP_DTYPES.get(dtype, np.float32)).name)
+        shape = dims(tuple(self.engine.get_tensor_shape(name)))
+        profile = tb.profile_shapes(self.engine, name) if None in shape else None
+        return TensorMeta(name, shape, np.dtype(_NP_DTYPES.get(dtype, np.float32)).name, *(profile or ()))
 
     def deactivate_impl(self) -> None:
         try:
