@@ -20,6 +20,7 @@ from vggt_trt.runtime.ort_runner import OrtRunner
 from vggt_trt.views import ViewRange
 
 INFER = load_script("trt_inference.py", "trt_inference_dynviews")
+from vggt_trt.cli.infer import format_sweep  # noqa: E402
 RANGE = ViewRange(2, 3, 5)
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 
@@ -105,7 +106,7 @@ def test_sweep_table_shows_the_range():
              "quant_mode": "none", "precision": "fp16", "engine": "a.engine"},
             {"status": "cannot run", "views": "8", "quant_mode": "none", "precision": "fp16", "engine": "b.engine",
              "reason": "no GPU"}]
-    table = INFER.format_sweep(rows)
+    table = format_sweep(rows)
     assert "views" in table.splitlines()[0] and "2..16@8" in table and " 8 " in table
 
 
@@ -146,3 +147,25 @@ def test_torch_backend_refuses_a_range(tmp_path, capsys):
     assert convert_cli.main(["--backend", "torch", "--model-name", "tiny", "--min-cams", "2", "--max-cams", "4",
                              "--output-dir", str(tmp_path), "--log-dir", str(tmp_path / "logs")]) == 2
     assert "--backend torch compiles for one input shape" in capsys.readouterr().err
+
+
+def test_pcd_images_pipeline_uses_any_camera_subset_in_the_range(converted, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    pcd_cli = load_script("pcd_inference.py", "pcd_inference_dynviews")
+    scene = tmp_path / "scene"
+    rng = np.random.default_rng(0)
+    for cam in ("cam1", "cam2", "cam3", "cam4"):
+        (scene / cam).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(scene / cam / "000000.png")
+    (scene / "cam2" / "000000.png").write_bytes(b"not a png")  # a camera drops out
+    graph = str(_graphs(converted)["fp32"])
+    out = tmp_path / "out"
+    assert pcd_cli.main(["--images", str(scene), "--onnx", graph, "--out_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scene"]["views"] == ["cam1", "cam3", "cam4"] and summary["input_shape"] == [3, 3, 28, 28]
+    assert "using 3 views instead of 4" in capsys.readouterr().err
+    assert pcd_cli.main(["--images", str(scene), "--onnx", graph, "--num_cams", "6", "--out_dir", str(out / "x")]) == 2
+    assert "takes 2 to 5 views" in capsys.readouterr().err
