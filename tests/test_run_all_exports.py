@@ -209,11 +209,11 @@ def _graph_hashes(base: Path) -> dict[str, str]:
 
 
 def test_real_tiny_sweep_is_the_same_serial_with_jobs_and_on_ray(tmp_path: Path) -> None:
-    """Two quant modes of MODEL=tiny (graphs only: --skip-build) serially, with JOBS=2 and on a local Ray: every
-    precision graph has the same hash."""
+    """Two quant modes of MODEL=tiny (PRECISIONS=fp16: fp16 then fp32; graphs only: --skip-build) serially, with
+    JOBS=2 and on a local Ray: every precision graph has the same hash."""
     pytest.importorskip("ray", reason="pip install -r requirements-scale.txt")
     env = {"PYTHON": sys.executable, "MODEL": "tiny", "NUM_CAMS": "2", "HEIGHT": "28", "WIDTH": "28",
-           "PCD_ONLY": "1", "CALIB_BATCHES": "1", "QUANT_MODES": "none torch-int8-dynamic",
+           "PCD_ONLY": "1", "QUANT_MODES": "none torch-int8-dynamic", "PRECISIONS": "fp16",
            "EXTRA_ARGS": "--skip-build --no-verify"}
     runs = {"serial": {}, "jobs": {"JOBS": "2"},
             "ray": {"RAY_ADDRESS": "local", "RAY_NUM_CPUS": "2", "RAY_OBJECT_STORE_MB": "80"}}
@@ -222,5 +222,18 @@ def test_real_tiny_sweep_is_the_same_serial_with_jobs_and_on_ray(tmp_path: Path)
         res = _sweep(tmp_path / name, {**env, **extra}, timeout=900)
         assert res.returncode == 0, name + res.stdout[-3000:] + res.stderr[-3000:]
         hashes[name] = _graph_hashes(tmp_path / name / "sweep")
-    assert len(hashes["serial"]) == 10, hashes["serial"]  # 2 modes x fp32/fp16/bf16/int8/... reports
+    assert sorted(hashes["serial"]) == [f"{m}/vggt-2x3x28x28-pcd_{p}.json" for m in ("none", "torch-int8-dynamic")
+                                        for p in ("fp16", "fp32")]
+    assert len(set(hashes["serial"].values())) == 4  # four different graphs
     assert hashes["jobs"] == hashes["serial"] and hashes["ray"] == hashes["serial"]
+
+
+def test_precisions_one_configuration_each(tmp_path: Path, fake: dict[str, str]) -> None:
+    res = _sweep(tmp_path, {**fake, "QUANT_MODES": "none", "PRECISIONS": "fp16 int8"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _rows(res.stdout) == [("none", "fp16", "ok"), ("none", "int8", "ok"), ("none", "fp32", "ok")]
+    calls = _calls(fake)
+    assert "--export" in calls[0] and calls[0][calls[0].index("--precision") + 1] == "fp16"
+    assert all("--onnx-in" in c for c in calls[1:]) and "--all-precisions" not in sum(calls, [])
+    bad = _sweep(tmp_path, {**fake, "QUANT_MODES": "none", "PRECISIONS": "fp17"})
+    assert bad.returncode == 2 and "unknown ['fp17']" in bad.stderr

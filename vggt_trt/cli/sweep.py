@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[EXTRA_ARGS] more vggt_to_trt.py flags, e.g. '--opt-level 3'")
     g.add_argument("--quant-modes", default=env_default("QUANT_MODES", " ".join(QUANT_MODES_DEFAULT)),
                    help="[QUANT_MODES] space-separated (default: all six)")
+    g.add_argument("--precisions", default=env_default("PRECISIONS", ""),
+                   help="[PRECISIONS] e.g. 'fp16 bf16': one configuration each instead of all-precisions "
+                        "(the first exports; fp32 always runs last)")
     r = p.add_argument_group("how to run")
     r.add_argument("--strict", action="store_true", default=env_default("STRICT", "0", flag),
                    help="[STRICT=1] an unavailable mode is a failure; stops at the first failure")
@@ -80,6 +83,7 @@ def options_from_args(args: argparse.Namespace) -> SweepOptions:
         height=args.height, width=args.width, model=args.model, calib_data=args.calib_data,
         calib_batches=args.calib_batches, calib_seed=args.calib_seed, calib_cpu=args.calib_cpu,
         pcd_only=args.pcd_only, extra_args=shlex.split(args.extra_args), quant_modes=args.quant_modes.split(),
+        precisions=(args.precisions or "").split(),
         strict=args.strict, fail_fast=args.fail_fast or args.strict, jobs=args.jobs,
         ray_address=args.ray_address or None, mem_per_job_gib=args.mem_per_job_gib, cpus_per_job=args.cpus_per_job,
         gpus_per_job=args.gpus_per_job, ray_kwargs=ray_kwargs(args))

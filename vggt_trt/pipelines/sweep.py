@@ -1,7 +1,8 @@
 """The quant-mode x precision sweep behind ``run_all_exports.sh``: serially, as local processes, or as Ray tasks.
 
-Each quant mode is one chain of two configurations written to ``<base_output>/<mode>/``: ``all-precisions``
-(``--export --all-precisions``), then ``fp32`` (``--onnx-in`` the mode's exported graph when it exists).
+Each quant mode is one chain of configurations written to ``<base_output>/<mode>/``: ``all-precisions``
+(``--export --all-precisions``), then ``fp32`` (``--onnx-in`` the mode's exported graph when it exists);
+with ``precisions`` given, one configuration per precision instead of all-precisions (the first exports).
 The chain keeps its order; chains are independent and run concurrently with ``jobs > 1`` (threads that
 each start the converter as a process) or under Ray (one task per chain with the resources it needs).
 A chain's builds share its folder's timing cache, so no two builds of the sweep write one cache at once.
@@ -29,6 +30,7 @@ from typing import Any, Callable, Sequence
 from ..atomic import write_json_atomic
 from ..cluster import check_shared_folder, ray_session
 from ..errors import InputError
+from ..precisions import PRECISIONS
 from ..resources import GIB, available_memory, describe_location, location, visible_gpu_ids
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class SweepOptions:
     pcd_only: bool = False
     extra_args: list[str] = field(default_factory=list)
     quant_modes: list[str] = field(default_factory=lambda: list(QUANT_MODES_DEFAULT))
+    precisions: list[str] = field(default_factory=list)  # empty: one --all-precisions configuration per mode
     strict: bool = False
     fail_fast: bool = False
     jobs: int = 1
@@ -81,6 +84,9 @@ class SweepOptions:
             raise InputError(f"GPUS_PER_JOB must be 0 or 1, found {self.gpus_per_job}")
         if self.mem_per_job_gib is not None and self.mem_per_job_gib <= 0:
             raise InputError(f"MEM_PER_JOB_GIB must be > 0, found {self.mem_per_job_gib}")
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise InputError(f"PRECISIONS: unknown {unknown}; use {', '.join(PRECISIONS)}")
         if not Path(self.converter).is_file():
             raise InputError(f"converter not found: {self.converter}")
 
@@ -212,15 +218,21 @@ def run_config(opts: SweepOptions, mode: str, config: str, args: Sequence[str],
 
 
 def run_chain(opts: SweepOptions, mode: str, env: dict[str, str] | None = None) -> list[ConfigResult]:
-    """One quant mode: all-precisions, then fp32 from its exported graph (skipped when the mode is unavailable)."""
-    first = run_config(opts, mode, "all-precisions", ["--export", "--all-precisions"], env)
-    if first.result == "unavailable" and not opts.strict:
-        return [first, ConfigResult(mode, "fp32", "skipped", detail="(mode unavailable here)")]
-    if opts.fail_fast and first.result != "ok":
-        return [first]
+    """One quant mode: all-precisions (or, with ``opts.precisions``, each of them: the first exports), then fp32
+    from the exported graph. After an unavailable first configuration the rest is skipped."""
+    first_name, first_args = ("all-precisions", ["--all-precisions"]) if not opts.precisions else \
+        (opts.precisions[0], ["--precision", opts.precisions[0]])
+    rest = [p for p in opts.precisions[1:] if p != "fp32"] + (["fp32"] if first_name != "fp32" else [])
+    results = [run_config(opts, mode, first_name, ["--export", *first_args], env)]
+    if results[0].result == "unavailable" and not opts.strict:
+        return results + [ConfigResult(mode, p, "skipped", detail="(mode unavailable here)") for p in rest]
     onnx = opts.base_output / mode / f"{opts.stem}.onnx"
-    args = ["--onnx-in", str(onnx), "--precision", "fp32"] if onnx.is_file() else ["--export", "--precision", "fp32"]
-    return [first, run_config(opts, mode, "fp32", args, env)]
+    for precision in rest:
+        if opts.fail_fast and chain_failed(results, opts.strict):
+            break
+        source = ["--onnx-in", str(onnx)] if onnx.is_file() else ["--export"]
+        results.append(run_config(opts, mode, precision, [*source, "--precision", precision], env))
+    return results
 
 
 def chain_failed(results: Sequence[ConfigResult], strict: bool) -> bool:
