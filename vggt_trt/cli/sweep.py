@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="run_all_exports.sh", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to build (environment variable in brackets)")
-    g.add_argument("--python", default=env_default("PYTHON", sys.executable), help="[PYTHON] interpreter for the converter")
+    g.add_argument("--python", default=env_default("PYTHON", sys.executable),
+                   help="[PYTHON] interpreter for the converter")
     g.add_argument("--converter", type=Path, default=env_default("CONVERTER", str(ROOT / "vggt_to_trt.py"), Path),
                    help="[CONVERTER] default: vggt_to_trt.py of this toolkit")
     g.add_argument("--base-output", type=Path, default=env_default("BASE_OUTPUT", "onnx_exports", Path),
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-data", default=env_default("CALIB_DATA", "") or "", help="[CALIB_DATA]")
     g.add_argument("--calib-batches", type=int, default=env_default("CALIB_BATCHES", "32", int), help="[CALIB_BATCHES]")
     g.add_argument("--calib-seed", type=int, default=env_default("CALIB_SEED", "1337", int), help="[CALIB_SEED]")
-    g.add_argument("--calib-cpu", action="store_true", default=env_default("CALIB_CPU", "0", flag), help="[CALIB_CPU=1]")
+    g.add_argument("--calib-cpu", action="store_true", default=env_default("CALIB_CPU", "0", flag),
+                   help="[CALIB_CPU=1]")
     g.add_argument("--extra-args", default=env_default("EXTRA_ARGS", "") or "",
                    help="[EXTRA_ARGS] more vggt_to_trt.py flags, e.g. '--opt-level 3'")
     g.add_argument("--quant-modes", default=env_default("QUANT_MODES", " ".join(QUANT_MODES_DEFAULT)),

@@ -349,7 +349,9 @@ def run_sweep(opts: SweepOptions) -> tuple[list[ConfigResult], int]:
 
 
 def runner_name(opts: SweepOptions) -> str:
-    return f"ray ({opts.ray_address})" if opts.ray_address else f"local (JOBS={opts.jobs})" if opts.jobs > 1 else "serial"
+    if opts.ray_address:
+        return f"ray ({opts.ray_address})"
+    return f"local (JOBS={opts.jobs})" if opts.jobs > 1 else "serial"
 
 
 def exit_status(results: Sequence[ConfigResult], strict: bool) -> int:
