@@ -237,3 +237,16 @@ def test_precisions_one_configuration_each(tmp_path: Path, fake: dict[str, str])
     assert all("--onnx-in" in c for c in calls[1:]) and "--all-precisions" not in sum(calls, [])
     bad = _sweep(tmp_path, {**fake, "QUANT_MODES": "none", "PRECISIONS": "fp17"})
     assert bad.returncode == 2 and "unknown ['fp17']" in bad.stderr
+
+
+def test_gpu_requests() -> None:
+    from vggt_trt.pipelines.sweep import SweepOptions, resources_for
+
+    cpu = SweepOptions(base_output=Path("x"), model="tiny")
+    assert resources_for(cpu, gpus_available=False) == {"num_cpus": 1.0, "memory": 1 << 30, "num_gpus": 0}
+    assert resources_for(cpu, gpus_available=True)["num_gpus"] == 1  # calibration may use CUDA there
+    assert resources_for(SweepOptions(base_output=Path("x"), calib_cpu=True), True)["num_gpus"] == 0
+    trt = SweepOptions(base_output=Path("x"), extra_args=["--backend", "tensorrt"])
+    assert resources_for(trt, gpus_available=False)["num_gpus"] == 1 and resources_for(trt, False)["memory"] == 16 << 30
+    assert resources_for(SweepOptions(base_output=Path("x"), gpus_per_job=0, extra_args=["--backend", "tensorrt"]),
+                         True)["num_gpus"] == 0

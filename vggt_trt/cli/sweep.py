@@ -5,7 +5,8 @@ mode's exported ONNX), each logged to BASE_OUTPUT/<mode>/logs/<config>.log. Quan
 JOBS=N runs N at once as local processes (capped by available memory: MEM_PER_JOB_GIB each, default 16 for
 full-size builds and 1 for MODEL=tiny), RAY_ADDRESS (local, auto or a cluster address; pip install -r
 requirements-scale.txt) runs each as a Ray task asking for CPUS_PER_JOB CPUs, that memory and, where the
-configuration uses a GPU (GPUS_PER_JOB, default: full TensorRT or CUDA builds), one GPU. Under Ray,
+configuration uses a GPU (GPUS_PER_JOB, default: full TensorRT or CUDA builds, calibration where GPUs
+exist unless CALIB_CPU=1), one GPU. Under Ray,
 BASE_OUTPUT and this toolkit must be on storage every node sees at the same path: checked before starting.
 A failing configuration is reported and the others go on; FAIL_FAST=1 stops at the first failure, STRICT=1
 also counts "unavailable" (exit 3: a missing dependency) as one and stops there. The summary table lists
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus-per-job", type=float, default=env_default("CPUS_PER_JOB", "1", float),
                    help="[CPUS_PER_JOB] CPUs a Ray task asks for (default 1)")
     r.add_argument("--gpus-per-job", type=int, choices=(0, 1), default=env_default("GPUS_PER_JOB", "", int),
-                   help="[GPUS_PER_JOB] 0 or 1 (default: 1 for --backend tensorrt / torch on CUDA, bitsandbytes "
-                        "without CALIB_CPU)")
+                   help="[GPUS_PER_JOB] 0 or 1 (default: 1 for --backend tensorrt / torch on CUDA, and for "
+                        "calibration without CALIB_CPU=1 where GPUs exist)")
     add_ray_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true")
     return p

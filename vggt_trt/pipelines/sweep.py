@@ -131,15 +131,15 @@ class ConfigResult:
 
 
 # ----------------------------------------------------------------------------------------------- resources
-def needs_gpu(opts: SweepOptions, mode: str) -> bool:
-    """A configuration uses a GPU when it builds with full TensorRT, compiles the PyTorch engine on CUDA,
-    or (not --calib-cpu) calibrates / runs bitsandbytes where a GPU exists."""
+def needs_gpu(opts: SweepOptions, gpus_available: bool) -> bool:
+    """A configuration uses a GPU when it builds with full TensorRT or compiles the PyTorch engine on CUDA, and,
+    where GPUs exist, when it calibrates without --calib-cpu (ModelOpt uses CUDA when onnxruntime-gpu has it)."""
     extra = opts.extra_args
     backend = extra[extra.index("--backend") + 1] if "--backend" in extra[:-1] else "auto"
     device = extra[extra.index("--device") + 1] if "--device" in extra[:-1] else "auto"
     if backend == "tensorrt" or (backend == "torch" and device != "cpu"):
         return True
-    return mode.startswith("bitsandbytes") and not opts.calib_cpu
+    return gpus_available and not opts.calib_cpu
 
 
 def job_memory_gib(opts: SweepOptions) -> float:
@@ -149,9 +149,9 @@ def job_memory_gib(opts: SweepOptions) -> float:
     return TINY_JOB_GIB if opts.model in TINY_MODELS else FULL_SIZE_JOB_GIB
 
 
-def resources_for(opts: SweepOptions, mode: str) -> dict[str, float]:
-    """What one chain asks Ray for: CPUs, memory in bytes, and 0 or 1 GPU."""
-    gpus = opts.gpus_per_job if opts.gpus_per_job is not None else int(needs_gpu(opts, mode))
+def resources_for(opts: SweepOptions, gpus_available: bool) -> dict[str, float]:
+    """What one chain asks for: CPUs, memory in bytes, and 0 or 1 GPU."""
+    gpus = opts.gpus_per_job if opts.gpus_per_job is not None else int(needs_gpu(opts, gpus_available))
     return {"num_cpus": opts.cpus_per_job, "memory": int(job_memory_gib(opts) * GIB), "num_gpus": gpus}
 
 
@@ -275,19 +275,18 @@ def collect(futures: dict[Any, str], wait_next: Callable[[list[Any]], Any],
 def run_local(opts: SweepOptions) -> dict[str, list[ConfigResult]]:
     """Chains as local processes: at most ``local_jobs`` at once; a GPU chain takes one free GPU of this machine."""
     jobs = local_jobs(opts)
-    gpu_modes = [m for m in opts.quant_modes if resources_for(opts, m)["num_gpus"]]
+    ids = visible_gpu_ids()
+    use_gpu = bool(resources_for(opts, bool(ids))["num_gpus"])
+    if use_gpu and not ids:
+        raise InputError("the configurations need a GPU (GPUS_PER_JOB=1, --backend tensorrt or torch on CUDA) and "
+                         "this machine has none")
     free_gpus: queue.Queue[str] = queue.Queue()
-    if gpu_modes:
-        ids = visible_gpu_ids()
-        if not ids:
-            raise InputError(f"quant modes {gpu_modes} need a GPU (GPUS_PER_JOB, --backend, bitsandbytes without "
-                             "CALIB_CPU=1) and this machine has none")
-        for gpu in ids:
-            free_gpus.put(gpu)
+    for gpu in ids:
+        free_gpus.put(gpu)
     opts = replace(opts, echo=False)
 
     def chain(mode: str) -> list[ConfigResult]:
-        if not resources_for(opts, mode)["num_gpus"]:
+        if not use_gpu:
             return run_chain(opts, mode)
         gpu = free_gpus.get()
         try:
@@ -309,12 +308,13 @@ def run_ray(opts: SweepOptions) -> dict[str, list[ConfigResult]]:
         needed = [str(opts.converter)] + ([opts.python] if os.path.isabs(opts.python) else [])
         check_shared_folder(opts.base_output, needed, ray)
         gpus = ray.cluster_resources().get("GPU", 0)
-        gpu_modes = [m for m in opts.quant_modes if resources_for(opts, m)["num_gpus"]]
-        if gpu_modes and not gpus:
-            raise InputError(f"quant modes {gpu_modes} need a GPU and the Ray cluster declares none")
-        task = ray.remote(run_chain)
+        resources = resources_for(opts, gpus > 0)
+        if resources["num_gpus"] and not gpus:
+            raise InputError("the configurations need a GPU (GPUS_PER_JOB=1, --backend tensorrt or torch on CUDA) "
+                             "and the Ray cluster declares none")
+        task = ray.remote(run_chain).options(**resources)
         opts = replace(opts, echo=False)
-        futures = {task.options(**resources_for(opts, m)).remote(opts, m): m for m in opts.quant_modes}
+        futures = {task.remote(opts, m): m for m in opts.quant_modes}
 
         def result_of(ref: Any) -> list[ConfigResult]:
             try:
