@@ -170,7 +170,7 @@ def test_rtx_build_skips_timing_cache_and_says_why(graphs, tmp_path):
     assert not cache.exists()
 
 
-def test_timing_cache_created_reused_and_keyed_by_version(tmp_path):
+def test_timing_cache_created_reused_and_keyed_by_version_and_gpu(tmp_path, monkeypatch):
     _, info = tb.import_tensorrt("tensorrt-rtx")
     builder = trt.Builder(tb.make_logger(trt))
     path = tmp_path / "trt_timing.cache"
@@ -181,7 +181,8 @@ def test_timing_cache_created_reused_and_keyed_by_version(tmp_path):
         assert status["loaded"] is False and status["reason"] == "no cache file yet"
         B.save_timing_cache(config, path, info, status)
         meta = json.loads((tmp_path / "trt_timing.cache.json").read_text())
-        assert meta["key"] == f"tensorrt_rtx-{trt.__version__}" and meta["bytes"] == path.stat().st_size > 0
+        assert meta["key"] == B.timing_cache_key(info) and meta["key"].startswith(f"tensorrt_rtx-{trt.__version__}|")
+        assert meta["bytes"] == path.stat().st_size > 0 and (tmp_path / "trt_timing.cache.lock").exists()
 
         # the key and hash match, so the blob reaches TensorRT; TensorRT-RTX without a GPU hands back an empty
         # cache (logging only a warning), and that is reported as not loaded
@@ -191,6 +192,11 @@ def test_timing_cache_created_reused_and_keyed_by_version(tmp_path):
         other = tb.BackendInfo("tensorrt", "10.13.3.9", 10, False, True)
         _, status = B.load_timing_cache(builder.create_builder_config(), path, other)
         assert status["loaded"] is False and "written for tensorrt_rtx" in status["reason"]
+
+        with monkeypatch.context() as m:  # the same TensorRT on another GPU model
+            m.setattr(tb, "cuda_gpu", lambda index=0: {"name": "NVIDIA A100", "compute_capability": "8.0"})
+            _, status = B.load_timing_cache(builder.create_builder_config(), path, info)
+            assert status["loaded"] is False and "NVIDIA A100|sm8.0" in status["reason"]
 
         path.write_bytes(path.read_bytes()[:-1])  # interrupted write
         _, status = B.load_timing_cache(builder.create_builder_config(), path, info)

@@ -294,7 +294,7 @@ def test_simplify_keeps_matmul_and_skips_when_memory_is_short(toy_onnx, tmp_path
     res = simp.simplify(toy_onnx, tmp_path / "a.simp.onnx")
     ops = [n.op_type for n in onnx.load(res.path).graph.node]
     assert "Gemm" not in ops and "MatMul" in ops
-    monkeypatch.setattr(simp, "_available_memory", lambda: 1024)
+    monkeypatch.setattr(simp, "available_memory", lambda: 1024)
     short = simp.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
     assert short.status == "skipped" and "available" in short.reason
     assert (tmp_path / "b.simp.onnx").is_file()

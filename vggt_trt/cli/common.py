@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import InputError, MissingDependencyError, VggtTrtError
 from ..logs import setup_logging
@@ -45,6 +46,31 @@ def add_compile_arguments(group: argparse._ActionsContainer) -> None:
                             "(shape, precision, torch, GPU), written after the first call when it does not")
     group.add_argument("--frames-chunk-size", type=int, default=8,
                        help="frames per dense-head pass (default 8, as the official code; bounds memory at many views)")
+
+
+def env_default(name: str, default: str = "", kind: Callable[[str], Any] = str) -> Any:
+    """A flag's default from the environment variable ``name`` (empty or unset: ``default``; None if that is empty)."""
+    value = os.environ.get(name, "")
+    return kind(value) if value != "" else (kind(default) if default != "" else None)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where Ray runs the work (run_all_exports.sh, pcd_inference.py --scenes); each flag has Ray's variable."""
+    g = parser.add_argument_group("Ray (optional: pip install -r requirements-scale.txt)")
+    g.add_argument("--ray-address", default=env_default("RAY_ADDRESS"),
+                   help="[RAY_ADDRESS] local (start an instance here), auto (the one on this machine) or host:port; "
+                        "unset: no Ray")
+    g.add_argument("--ray-num-cpus", type=int, default=env_default("RAY_NUM_CPUS", kind=int),
+                   help="[RAY_NUM_CPUS] CPUs a local instance declares (default: all)")
+    g.add_argument("--ray-num-gpus", type=int, default=env_default("RAY_NUM_GPUS", kind=int),
+                   help="[RAY_NUM_GPUS] GPUs a local instance declares (default: those it finds)")
+    g.add_argument("--ray-object-store-mb", type=int, default=env_default("RAY_OBJECT_STORE_MB", kind=int),
+                   help="[RAY_OBJECT_STORE_MB] object store of a local instance (only small objects pass; 100 is "
+                        "plenty)")
+
+
+def ray_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"num_cpus": args.ray_num_cpus, "num_gpus": args.ray_num_gpus, "object_store_mb": args.ray_object_store_mb}
 
 
 def run_cli(job: Callable[[], int], log_dir: Path | None, name: str, verbose: bool) -> int:

@@ -9,9 +9,10 @@ from pathlib import Path
 from ..errors import InputError
 from ..pipelines.live import LiveOptions, run_live
 from ..pipelines.pcd import PcdOptions, run_pcd
+from ..pipelines.scenes import find_scenes, run_scenes
 from ..view.live import LiveViewer
 from ..view.server import require_viser, serve_output_folder, wait_until_interrupted
-from .common import ArgumentParser, add_compile_arguments, run_cli
+from .common import ArgumentParser, add_compile_arguments, add_ray_arguments, ray_kwargs, run_cli
 from .view import add_viewer_address
 
 
@@ -23,6 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", type=Path,
                      help="scene root: one sub-folder of frames per camera (cam001/, cam005/ ...) or a flat "
                           "folder of images (one view each)")
+    src.add_argument("--scenes", metavar="GLOB",
+                     help="many scene folders, e.g. 'captures/*': each reconstructed into --out-dir/<scene name>/, "
+                          "a summary in --out-dir/scenes.json; one worker per GPU (or --workers), or Ray with "
+                          "RAY_ADDRESS (--out-dir must then be on storage every node sees)")
+    src.add_argument("--workers", type=int,
+                     help="--scenes: workers, each keeping its model loaded (default: one per GPU, else 1)")
     src.add_argument("--views", help="comma-separated cameras, e.g. cam001,cam005,cam012")
     src.add_argument("--random-views", type=int, help="pick this many cameras at random (--seed)")
     src.add_argument("--num-cams", type=int, help="views per forward (default: the engine's, else 8 or all given)")
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--source images: serve the result in the browser after the run, until Ctrl-C; "
                            "videos/webcams: the growing map, updated every batch while the loop runs")
     add_viewer_address(view, "viewer-")
+    add_ray_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true")
     add_live_arguments(p)
     return p
@@ -131,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     given = [n for n, v in (("--vggt-engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
     if len(given) > 1:
         raise InputError(f"give one model: {' and '.join(given)} both given")
+    if args.scenes and args.source != "images":
+        raise InputError("--scenes reconstructs folders of images (--source images), not videos or webcams")
     if args.viewer:
         require_viser()
     if args.source != "images":
@@ -145,21 +155,11 @@ def run(args: argparse.Namespace) -> int:
         for e in s["source"]["events"]:
             print(f"camera {e['camera']} {e['event']} at batch {e['batch']}: {e['reason']}")
         return 0
+    if args.scenes:
+        return run_batch(args)
     if args.images is None:
-        raise InputError("--source images needs --images")
-    backend = "engine" if args.vggt_engine else "onnx" if args.onnx else "torch"
-    opts = PcdOptions(
-        images=args.images, out_dir=args.out_dir, backend=backend, model_path=args.vggt_engine or args.onnx,
-        model_name=args.model_name, weights=args.weights, precision=args.precision, device=args.device,
-        random_init=args.random_init, trt_backend=args.trt_backend, compile=args.compile,
-        compile_cache=args.compile_cache, frames_chunk_size=args.frames_chunk_size,
-        views=[v.strip() for v in args.views.split(",") if v.strip()] if args.views else None,
-        random_views=args.random_views, num_cams=args.num_cams, frame=args.frame, seed=args.seed,
-        intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,
-        preprocess=args.preprocess, target_size=args.target_size, conf_threshold=args.conf_threshold,
-        conf_percentile=args.conf_percentile or None, mask_black_bg=args.mask_black_bg,
-        mask_white_bg=args.mask_white_bg, voxel_size=args.voxel_size, save_images=args.save_images,
-        colmap_max_points=args.colmap_max_points)
+        raise InputError("--source images needs --images (or --scenes)")
+    opts = pcd_options(args, args.images, args.out_dir)
     summary = run_pcd(opts)
     pts, t = summary["points"], summary["timings_ms"]
     print(f"{len(summary['scene']['views'])} views ({', '.join(summary['scene']['views'])}) -> "
@@ -175,6 +175,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"viewer: http://{args.viewer_host}:{view.server.get_port()} (Ctrl-C stops it)", flush=True)
         wait_until_interrupted(view.server)
     return 0
+
+
+def pcd_options(args: argparse.Namespace, images: Path, out_dir: Path) -> PcdOptions:
+    """The images pipeline's options from the parsed flags, for one scene folder."""
+    backend = "engine" if args.vggt_engine else "onnx" if args.onnx else "torch"
+    return PcdOptions(
+        images=images, out_dir=out_dir, backend=backend, model_path=args.vggt_engine or args.onnx,
+        model_name=args.model_name, weights=args.weights, precision=args.precision, device=args.device,
+        random_init=args.random_init, trt_backend=args.trt_backend, compile=args.compile,
+        compile_cache=args.compile_cache, frames_chunk_size=args.frames_chunk_size,
+        views=[v.strip() for v in args.views.split(",") if v.strip()] if args.views else None,
+        random_views=args.random_views, num_cams=args.num_cams, frame=args.frame, seed=args.seed,
+        intrinsics=args.intrinsics, poses=args.poses, poses_convention=args.poses_convention,
+        preprocess=args.preprocess, target_size=args.target_size, conf_threshold=args.conf_threshold,
+        conf_percentile=args.conf_percentile or None, mask_black_bg=args.mask_black_bg,
+        mask_white_bg=args.mask_white_bg, voxel_size=args.voxel_size, save_images=args.save_images,
+        colmap_max_points=args.colmap_max_points)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """``--scenes``: every matching folder into --out-dir/<name>; exit 1 when any scene failed."""
+    if args.images is not None:
+        raise InputError("give --images (one scene) or --scenes (many), not both")
+    if args.viewer:
+        raise InputError("--viewer serves one result; open a scene's folder with vggt-view after a --scenes run")
+    scenes = find_scenes(args.scenes)
+    summary = run_scenes(pcd_options(args, scenes[0], args.out_dir), scenes, args.out_dir, workers=args.workers,
+                         ray_address=args.ray_address, ray_kwargs=ray_kwargs(args))
+    for r in summary["results"]:
+        detail = f"{r.get('points')} points" if r["status"] == "ok" else r.get("error", "")
+        print(f"{r['scene']:<24} {r['status']:<7} {r.get('seconds', 0):7.1f} s  {detail}")
+    rate = summary["scenes_per_s"]
+    print(f"{summary['ok']} of {summary['scenes']} scenes in {summary['wall_s']:.1f} s "
+          f"({summary['workers']}{f', {rate:.3g} scenes/s' if rate else ''}); summary: {args.out_dir}/scenes.json")
+    return 0 if summary["failed"] == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:

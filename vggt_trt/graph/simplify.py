@@ -12,6 +12,7 @@ from typing import Any
 import onnx
 
 from ..errors import GraphError, InputError
+from ..resources import available_memory
 from .io import EXTERNAL_DATA_THRESHOLD, check_file, copy_onnx, graph_bytes, load_onnx, node_count, save_onnx
 from .passes import log_pass
 
@@ -39,18 +40,6 @@ class SimplifyResult:
 SIMPLIFY_MEMORY_FACTOR = 3.2
 
 
-def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, None where that file does not exist."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def simplify(model_path: str | os.PathLike, out_path: str | os.PathLike, *, skip: bool = False,
              large_model_bytes: int = EXTERNAL_DATA_THRESHOLD) -> SimplifyResult:
     """Simplify with onnxslim into ``out_path``; on failure warn and copy the unsimplified graph there.
@@ -67,7 +56,7 @@ def simplify(model_path: str | os.PathLike, out_path: str | os.PathLike, *, skip
         return SimplifyResult("skipped", str(src), "skipped on request")
     size = graph_bytes(src)
     large = size > large_model_bytes
-    available = _available_memory()
+    available = available_memory()
     if large and available is not None and available < SIMPLIFY_MEMORY_FACTOR * size:
         reason = (f"onnxslim needs about {SIMPLIFY_MEMORY_FACTOR:g}x the graph size in memory "
                   f"({SIMPLIFY_MEMORY_FACTOR * size / 2**30:.1f} GiB for {size / 2**30:.1f} GiB) and only "

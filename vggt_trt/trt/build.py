@@ -8,11 +8,12 @@ Two typing paths, chosen from the imported module (``trt_backend.import_tensorrt
   BuilderFlag.FP16/BF16/INT8/FP8, with an optional INT8 calibrator.
 
 Timing cache: kept at the path the caller names (``trt_timing.cache``) with a sidecar
-``trt_timing.cache.json`` holding the writer's ``<module>-<version>`` key and the cache's SHA-256
-(:mod:`vggt_trt.trt.cache_files`). A cache whose key differs (another TensorRT version) or whose hash does not
-match (interrupted write) is never fed to the builder: it is ignored with a log line and replaced after the
-build. Before saving, a
-valid cache that another build wrote meanwhile is merged in (ITimingCache.combine). TensorRT-RTX
+``trt_timing.cache.json`` holding the writer's key (:func:`timing_cache_key`: ``<module>-<version>``, the GPU's
+name and compute capability) and the cache's SHA-256 (:mod:`vggt_trt.trt.cache_files`). A cache whose key
+differs (another TensorRT version or GPU) or whose hash does not match (interrupted write) is never fed to the
+builder: it is ignored with a log line and replaced after the build. Reading, and merging a valid cache that
+another build wrote meanwhile (ITimingCache.combine) then writing, happen under a file lock
+(``trt_timing.cache.lock``), so concurrent builds (sweeps with JOBS or Ray) never write it at once. TensorRT-RTX
 ignores timing caches (no-ops, deprecated since TensorRT-RTX 1.2), so RTX builds skip them and say so.
 """
 
@@ -189,6 +190,20 @@ def _cache_entries(cache: Any) -> int | None:
     return len(query()) if callable(query) else None
 
 
+def timing_cache_key(info: tb.BackendInfo) -> str:
+    """Who may reuse a timing cache: the same TensorRT module and version on the same GPU model."""
+    gpu = tb.cuda_gpu(0)
+    return f"{info.cache_key}|{gpu['name']}|sm{gpu['compute_capability']}" if gpu else f"{info.cache_key}|no-gpu"
+
+
+def cache_lock(path: Path) -> Any:
+    """An inter-process lock beside the cache (``<cache>.lock``), held while reading or merging and writing."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path.with_name(path.name + ".lock")), timeout=600)
+
+
 def load_timing_cache(config: Any, path: str | os.PathLike, info: tb.BackendInfo) -> tuple[Any, dict[str, Any]]:
     """Attach a timing cache to ``config``: the one at ``path`` when it belongs to this TensorRT, else a new one.
 
@@ -196,8 +211,10 @@ def load_timing_cache(config: Any, path: str | os.PathLike, info: tb.BackendInfo
     (logging only a warning) for a blob it cannot deserialise.
     """
     p = Path(path)
-    data, reason = cache_files.read_keyed(p, info.cache_key)
-    status: dict[str, Any] = {"path": str(p), "key": info.cache_key, "loaded": False, "loaded_bytes": 0,
+    key = timing_cache_key(info)
+    with cache_lock(p):
+        data, reason = cache_files.read_keyed(p, key)
+    status: dict[str, Any] = {"path": str(p), "key": key, "loaded": False, "loaded_bytes": 0,
                               "reason": reason}
     cache = config.create_timing_cache(data or b"")
     if data is not None:
@@ -222,14 +239,16 @@ def load_timing_cache(config: Any, path: str | os.PathLike, info: tb.BackendInfo
 def save_timing_cache(config: Any, path: str | os.PathLike, info: tb.BackendInfo, status: dict[str, Any]) -> None:
     """Merge a cache another build wrote meanwhile, then write cache and sidecar atomically (cache first)."""
     p = Path(path)
+    key = timing_cache_key(info)
     cache = config.get_timing_cache()
-    other, _ = cache_files.read_keyed(p, info.cache_key)
-    if other is not None:  # entries another build saved meanwhile (duplicates are skipped by TensorRT)
-        status["merged"] = bool(cache.combine(config.create_timing_cache(other), False))
-    blob = bytes(memoryview(cache.serialize()))
-    cache_files.write_keyed(p, blob, info.cache_key, {"backend": info.name, "version": info.version})
+    with cache_lock(p):
+        other, _ = cache_files.read_keyed(p, key)
+        if other is not None:  # entries another build saved meanwhile (duplicates are skipped by TensorRT)
+            status["merged"] = bool(cache.combine(config.create_timing_cache(other), False))
+        blob = bytes(memoryview(cache.serialize()))
+        cache_files.write_keyed(p, blob, key, {"backend": info.name, "version": info.version})
     status.update(saved=True, saved_bytes=len(blob))
-    logger.info("timing cache saved: %s (%d bytes, key %s)", p, len(blob), info.cache_key)
+    logger.info("timing cache saved: %s (%d bytes, key %s)", p, len(blob), key)
 
 
 # ------------------------------------------------------------------------------------ argument checking
