@@ -314,3 +314,109 @@ def _write(folder: Path, name: str, doc) -> Path:
     path = folder / name
     path.write_text(json.dumps(doc))
     return path
+
+
+# ----------------------------------------------------------------------------- point-cloud files and filters
+
+
+def test_colours_of_every_dtype_and_colmap_defaults(tmp_path):
+    from vggt_trt.recon.pointcloud import read_ply, write_colmap_text, write_ply
+
+    xyz = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], np.float32)
+    write_ply(tmp_path / "i.ply", xyz, np.array([[-5, 300, 7], [0, 255, 256]], np.int64))  # ints: clipped
+    assert read_ply(tmp_path / "i.ply")["rgb"].tolist() == [[0, 255, 7], [0, 255, 255]]
+    write_ply(tmp_path / "f.ply", xyz, np.array([[0.5, -1.0, np.nan], [1.5, 0.998, 0.002]]))  # floats: 0..1
+    assert read_ply(tmp_path / "f.ply")["rgb"].tolist() == [[128, 0, 0], [255, 254, 1]]
+    with pytest.raises(InputError, match="conf has 1 values for 2 points"):
+        write_ply(tmp_path / "c.ply", xyz, None, np.ones(1))
+    paths = write_colmap_text(tmp_path / "m", np.eye(4)[None, :3], np.eye(3)[None], ["a.png"], (4, 6), xyz)
+    rows = [r for r in paths["points3D"].read_text().splitlines() if not r.startswith("#")]
+    assert rows == ["1 0 1 2 128 128 128 0", "2 3 4 5 128 128 128 0"]  # no colours: mid grey
+    assert "# Number of points: 2, mean track length: 0" in paths["points3D"].read_text()
+    assert "# Number of cameras: 1" in paths["cameras"].read_text()
+    assert "# Number of images: 1, mean observations per image: 0" in paths["images"].read_text()
+    empty = write_colmap_text(tmp_path / "e", np.eye(4)[None, :3], np.eye(3)[None], ["a.png"], (4, 6))
+    assert [r for r in empty["points3D"].read_text().splitlines() if not r.startswith("#")] == []
+
+
+def test_read_ply_keeps_other_properties_and_needs_xyz(tmp_path):
+    from plyfile import PlyData, PlyElement
+
+    from vggt_trt.recon.pointcloud import read_ply
+
+    v = np.array([(1.0, 2.0, 3.0, 0.5)], dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("nx", "f4")])
+    PlyData([PlyElement.describe(v, "vertex")]).write(str(tmp_path / "n.ply"))
+    got = read_ply(tmp_path / "n.ply")
+    assert set(got) == {"xyz", "nx"} and got["xyz"].tolist() == [[1, 2, 3]] and got["nx"].tolist() == [0.5]
+    w = np.array([(1.0, 2.0)], dtype=[("x", "f4"), ("y", "f4")])
+    PlyData([PlyElement.describe(w, "vertex")]).write(str(tmp_path / "xy.ply"))
+    with pytest.raises(InputError, match="no x/y/z"):
+        read_ply(tmp_path / "xy.ply")
+
+
+def test_voxel_downsample_edges():
+    from vggt_trt.recon.pointcloud import voxel_downsample
+
+    xyz = np.array([[0.0, 0.0, 0.0], [0.99, 0.5, 0.5], [1.0, 0.0, 0.0], [-0.01, 0.0, 0.0]], np.float64)
+    conf = np.array([1.0, 3.0, 2.0, 5.0], np.float32)
+    out, _, c = voxel_downsample(xyz, None, conf, 1.0)
+    # voxels ordered by key: x = -1, then 0 (two points), then 1; a boundary point goes to the upper voxel
+    np.testing.assert_allclose(out, [[-0.01, 0, 0], [0.495, 0.25, 0.25], [1.0, 0, 0]])
+    assert out.dtype == np.float64 and c.tolist() == [5.0, 3.0, 2.0]
+    _, _, mean = voxel_downsample(xyz, None, conf, 1.0, conf_reduce="mean")
+    assert mean.tolist() == [5.0, 2.0, 2.0] and mean.dtype == np.float32
+    out_i, rgb_f, _ = voxel_downsample(np.array([[0, 0, 0], [0, 0, 0]], np.int32),
+                                       np.array([[0.1, 0.2, 0.3], [0.2, 0.2, 0.2]]), None, 1.0)
+    assert out_i.dtype == np.float32 and rgb_f.tolist() == [[0.15000000000000002, 0.2, 0.25]]
+    far = np.array([[0.0, 0, 0], [4e6, 4e6, 4e6], [4e6, 4e6, 4e6 + 0.5]])  # extent^3 >= 2^62: row-wise keys
+    out, _, _ = voxel_downsample(far, None, None, 1.0)
+    np.testing.assert_allclose(out, [[0, 0, 0], [4e6, 4e6, 4e6 + 0.25]])
+    empty = voxel_downsample(np.empty((0, 3)), np.empty((0, 3), np.uint8), np.empty(0), 0.5)
+    assert [a.shape for a in empty] == [(0, 3), (0, 3), (0,)]
+    for args, message in (((xyz, None, None, 1.0, "median"), "conf_reduce"), ((xyz, np.zeros((3, 3)), None, 1.0),
+                          "rgb has 3 colours for 4 points"), ((xyz, None, conf[:3], 1.0), "conf has 3 values"),
+                          ((np.array([[np.nan, 0, 0]]), None, None, 1.0), "non-finite")):
+        with pytest.raises(InputError, match=message):
+            voxel_downsample(*args)
+
+
+def test_filter_points_shapes_and_mask_only():
+    import torch
+
+    from vggt_trt.recon.pointcloud import filter_points
+
+    xyz = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    mask = np.array([[True, False, True, False], [False, False, False, True]])
+    for backend in (np.asarray, torch.from_numpy):
+        px, prgb, pconf = filter_points(backend(xyz), mask=backend(mask))
+        assert np.asarray(px).tolist() == [[0, 1, 2], [6, 7, 8], [21, 22, 23]] and prgb is None and pconf is None
+    px, _, _ = filter_points(xyz[0, 0])  # one point, no leading dims
+    assert px.tolist() == [[0, 1, 2]]
+    for kwargs, message in (({"conf": np.ones(3)}, "conf shape"), ({"mask": np.ones(3, bool)}, "mask shape"),
+                            ({"rgb": np.ones((2, 4))}, "rgb shape"), ({"percentile": 5}, "needs conf")):
+        with pytest.raises(InputError, match=message):
+            filter_points(xyz, **kwargs)
+    with pytest.raises(InputError, match=r"\[\.\.\., 3\]"):
+        filter_points(xyz[..., :2])
+
+
+def test_cameras_files_accept_model_batches_and_report_bad_input(tmp_path):
+    from vggt_trt.recon.pointcloud import read_cameras_json, write_cameras_json
+
+    extr = np.tile(np.eye(4)[:3], (2, 1, 1))
+    extr[1, :, 3] = [1.0, 2.0, 3.0]
+    intr = np.tile(np.diag([10.0, 20.0, 1.0]), (2, 1, 1))
+    write_cameras_json(tmp_path / "c.json", extr[None], intr[None], ["a", "b"], [[4, 6], [8, 10]])
+    doc = json.loads((tmp_path / "c.json").read_text())["cameras"][1]
+    assert (doc["height"], doc["width"], doc["fx"], doc["fy"], doc["center"]) == (8, 10, 10.0, 20.0, [-1, -2, -3])
+    assert read_cameras_json(tmp_path / "c.json")["image_hw"].tolist() == [[4, 6], [8, 10]]
+    for args, message in (((extr[:, :2], intr), r"\[S, 3, 4\]"), ((extr, intr[:1]), r"intrinsic: expected \[2, 3, 3\]"),
+                          ((extr, intr, ["a", "b"], [4, 6, 8]), "image_hw")):
+        full = args + (["a", "b"], (4, 6))[len(args) - 2:]
+        with pytest.raises(InputError, match=message):
+            write_cameras_json(tmp_path / "x.json", *full)
+    (tmp_path / "bad.json").write_text('{"cameras": [{"extrinsic": 1}]}')
+    with pytest.raises(InputError, match="cannot read cameras JSON"):
+        read_cameras_json(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="cameras file not found"):
+        read_cameras_json(tmp_path / "none.json")
