@@ -6,6 +6,8 @@ Tolerances are stated here, never read from the code under test: float64 round t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 from vggt_trt.errors import InputError
 from vggt_trt.recon import geometry as g
 
-PROPS = settings(max_examples=40, deadline=None)
+PROPS = settings(max_examples=int(os.environ.get("VGGT_TRT_PROPERTY_EXAMPLES", "40")), deadline=None)
 ATOL64 = 1e-9
 
 unit = st.floats(-1.0, 1.0, allow_nan=False)
