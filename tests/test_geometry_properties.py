@@ -206,3 +206,13 @@ def test_confidence_torch_percentile_matches_numpy(conf, percentile):
     near = np.abs(conf - cut) <= 4 * np.spacing(np.float32(max(abs(cut), 1e-30)))
     np.testing.assert_array_equal(ref[~near], ours[~near])
     np.testing.assert_array_equal(ref[~near], ((conf >= cut) & (conf > 1e-5))[~near])
+
+
+def test_explicit_dtype_and_named_shape_errors():
+    extr = np.concatenate([np.eye(3), [[0.0], [0.0], [1.0]]], 1)[None]
+    intr = np.array([[[2.0, 0, 1], [0, 2.0, 1], [0, 0, 1]]])
+    out = g.unproject_depth_map_to_point_map(np.ones((1, 2, 2)), extr, intr, dtype=np.float32)
+    assert out.dtype == np.float32  # every input is cast, not only the depth
+    np.testing.assert_array_equal(out[0, 1, 1], [0.0, 0.0, 0.0])  # pixel (1, 1) is the principal point at depth 1
+    with pytest.raises(InputError, match=r"extrinsic: expected shape \[\.\.\., 3x4\]"):
+        g.similarity_transform_extrinsics(np.zeros((2, 3, 3)), 1.0, np.eye(3), np.zeros(3))

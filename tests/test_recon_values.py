@@ -59,6 +59,14 @@ def test_live_fit_is_robust_and_reports_huber_inliers():
     assert abs(plain.shift - 0.1) > 0.1
 
 
+def test_live_fit_computes_in_float64_whatever_the_input_dtype():
+    rng = np.random.default_rng(2)
+    disp = rng.uniform(0.1, 3.0, 500).astype(np.float32)
+    target = (0.37 * disp.astype(np.float64) + 0.021).astype(np.float32)
+    low, high = fit_scale_shift(disp, target), fit_scale_shift(disp.astype(np.float64), target.astype(np.float64))
+    assert (low.scale, low.shift, low.rms) == (high.scale, high.shift, high.rms)
+
+
 def test_live_fit_needs_ten_pixels():
     x = np.arange(1.0, 11.0)
     fit = fit_scale_shift(x, 2 * x + 1)  # exactly 10: enough
