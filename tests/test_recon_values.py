@@ -159,6 +159,7 @@ def test_pose_centres_from_every_layout(tmp_path):
         "rt.json": {"a": {"R": rot.tolist(), "t": [1, 2, 3]}, "b": {"c2w": c2w.tolist()}},
         "keys.json": {"a": {"center": [1, 2, 3]}, "b": {"w2c": w2c.tolist()}},
         "list.json": [[1, 2, 3], {"position": [1, 2, 3]}],
+        "centers.json": {"centers": {"a": [1, 2, 3], "b": [1, 2, 3]}},
         "named.json": [{"name": "b", "centre": [1, 2, 3]}, {"name": "a", "extrinsic": w2c.tolist()}],
     }
     for fname, doc in cases.items():
@@ -180,11 +181,12 @@ def test_pose_centres_from_every_layout(tmp_path):
     ({"convention": "cam", "a": [0, 0, 0], "b": [0, 0, 0]}, None, "use c2w"),
     ({"a": [0, 0, 0], "b": {"foo": 1}}, None, "found keys"),
     ({"a": [0, 0, 0], "b": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}, None, "shape"),
-    ({"a": [0, 0, 0], "b": [0, np.nan, 0]}, None, "non-finite"),
+    ({"a": [0, 0, 0], "b": [0, np.nan, 0]}, None, "poses file bad.json, camera b: contains non-finite"),
     ({"a": [0, 0, 0], "b": (np.diag([1.0, 1.0, 1.0, 2.0])).tolist()}, None, "0, 0, 0, 1"),
     ({"a": [0, 0, 0], "b": np.diag([1.0, 1.0, -1.0, 1.0]).tolist()}, None, "proper rotation"),
     ({"a": [0, 0, 0], "b": np.diag([1.01, 1.0, 1.0, 1.0]).tolist()}, None, "proper rotation"),
-    ({"names": ["a", "b"], "poses": [[0, 0, 0]]}, None, "2 names but 1 values"),
+    ({"names": ["a", "b"], "poses": [[0, 0, 0]]}, None, "bad.json: 2 names but 1 values"),
+    ({"a": [0, 0, 0], "b": {"center": [1, 2]}}, None, "poses file bad.json, camera b center: shape"),
     ([[0, 0, 0]], None, "1 unnamed entries for 2 cameras"),
     ("just text", None, "expected a mapping or a list"),
 ])
@@ -213,9 +215,11 @@ def test_intrinsics_files_and_mapping_to_model_pixels(tmp_path):
                          ({"K": [[1, 0, 0], [0, 1, 0], [0, 0, 2]]}, "pinhole"),
                          ({"K": [[1, 0, 0], [0.5, 1, 0], [0, 0, 1]]}, "pinhole"),
                          ({"K": [[0, 0, 0], [0, 1, 0], [0, 0, 1]]}, "pinhole"),
-                         ({"a": {"fx": 1}, "b": k}, "found keys")):
+                         ({"a": {"fx": 1}, "b": k}, "intrinsics file badk.json, camera a: expected a 3x3 K")):
         with pytest.raises(InputError, match=message):
             rig.load_intrinsics(_write(tmp_path, "badk.json", doc), ["a", "b"])
+    small = rig.load_intrinsics(_write(tmp_path, "small.json", {"fx": 0.5, "fy": 0.5, "cx": 0, "cy": 0}), ["a"])
+    assert small["a"][0, 0] == 0.5  # any positive focal length is a pinhole
     # x' = a x + b in pixel-edge coordinates: the pixel centre c + 0.5 maps, then back to OpenCV centres
     mapped = rig.map_intrinsics(np.array([[100.0, 2.0, 40.0], [0, 90.0, 30.0], [0, 0, 1]]), (0.5, 0.25), (3.0, -7.0))
     np.testing.assert_allclose(mapped, [[50.0, 1.0, 0.5 * 40.5 + 3.0 - 0.5], [0, 22.5, 0.25 * 30.5 - 7.0 - 0.5],
@@ -269,11 +273,12 @@ def test_scene_layouts_and_camera_names(tmp_path, caplog):
 def test_candidate_views_explicit_random_and_default():
     scene = rig.Scene(Path("."), "pku", {f"c{i}": [] for i in range(6)})
     assert rig.candidate_views(scene) == (scene.names, False)
+    assert rig.candidate_views(scene, random_views=2)[0] == random.Random(0).sample(scene.names, 6)  # seed 0
     assert rig.candidate_views(scene, ["c3", "c1"]) == (["c3", "c1"], True)
     order, explicit = rig.candidate_views(scene, random_views=2, seed=7)
     assert order == random.Random(7).sample(scene.names, 6) and not explicit
     assert rig.candidate_views(scene, random_views=6, seed=7)[0] == order  # every camera may be asked for
-    for kwargs, message in (({"views": ["c1"], "random_views": 1}, "not both"), ({"views": ["c9"]}, "not found"),
+    for kwargs, message in (({"views": ["c1"], "random_views": 1}, "not both"), ({"views": ["c9"]}, "not found in .*cameras there: c0, c1, c2"),
                             ({"views": ["c1", "c1"]}, "twice"), ({"random_views": 7}, "only 6 cameras")):
         with pytest.raises(InputError, match=message):
             rig.candidate_views(scene, **kwargs)
@@ -332,7 +337,8 @@ def test_colours_of_every_dtype_and_colmap_defaults(tmp_path):
 
     xyz = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]], np.float32)
     write_ply(tmp_path / "i.ply", xyz, np.array([[-5, 300, 7], [0, 255, 256]], np.int64))  # ints: clipped
-    assert read_ply(tmp_path / "i.ply")["rgb"].tolist() == [[0, 255, 7], [0, 255, 255]]
+    got = read_ply(tmp_path / "i.ply")
+    assert set(got) == {"xyz", "rgb"} and got["rgb"].tolist() == [[0, 255, 7], [0, 255, 255]]
     write_ply(tmp_path / "f.ply", xyz, np.array([[0.5, -1.0, np.nan], [1.5, 0.998, 0.002]]))  # floats: 0..1
     assert read_ply(tmp_path / "f.ply")["rgb"].tolist() == [[128, 0, 0], [255, 254, 1]]
     with pytest.raises(InputError, match="conf has 1 values for 2 points"):
@@ -343,6 +349,7 @@ def test_colours_of_every_dtype_and_colmap_defaults(tmp_path):
     assert "# Number of points: 2, mean track length: 0" in paths["points3D"].read_text()
     assert "# Number of cameras: 1" in paths["cameras"].read_text()
     assert "# Number of images: 1, mean observations per image: 0" in paths["images"].read_text()
+    write_colmap_text(tmp_path / "m", np.eye(4)[None, :3], np.eye(3)[None], ["a.png"], (4, 6), xyz)  # folder exists
     empty = write_colmap_text(tmp_path / "e", np.eye(4)[None, :3], np.eye(3)[None], ["a.png"], (4, 6))
     assert [r for r in empty["points3D"].read_text().splitlines() if not r.startswith("#")] == []
 
@@ -395,6 +402,9 @@ def test_filter_points_shapes_and_mask_only():
 
     xyz = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
     mask = np.array([[True, False, True, False], [False, False, False, True]])
+    conf = np.array([[1.0, 2.0, 3.0, 2.5], [0.5, 2.0, 1.9, 4.0]])
+    px, _, pconf = filter_points(xyz, conf=conf, threshold=2.0)  # a threshold alone, on the cut
+    assert pconf.tolist() == [2.0, 3.0, 2.5, 2.0, 4.0] and px.shape == (5, 3)
     for backend in (np.asarray, torch.from_numpy):
         px, prgb, pconf = filter_points(backend(xyz), mask=backend(mask))
         assert np.asarray(px).tolist() == [[0, 1, 2], [6, 7, 8], [21, 22, 23]] and prgb is None and pconf is None
@@ -417,6 +427,11 @@ def test_cameras_files_accept_model_batches_and_report_bad_input(tmp_path):
     write_cameras_json(tmp_path / "c.json", extr[None], intr[None], ["a", "b"], [[4, 6], [8, 10]])
     doc = json.loads((tmp_path / "c.json").read_text())["cameras"][1]
     assert (doc["height"], doc["width"], doc["fx"], doc["fy"], doc["center"]) == (8, 10, 10.0, 20.0, [-1, -2, -3])
+    intr[:, :2, 2] = [[3.0, 4.0], [5.0, 6.0]]
+    square = np.concatenate([extr, np.tile([[[0, 0, 0, 1.0]]], (2, 1, 1))], 1)  # 4x4 cameras are accepted
+    write_cameras_json(tmp_path / "c4.json", square, intr, ["a", "b"], (4, 6))
+    doc = json.loads((tmp_path / "c4.json").read_text())["cameras"][1]
+    assert (doc["cx"], doc["cy"], len(doc["extrinsic"])) == (5.0, 6.0, 3)
     assert read_cameras_json(tmp_path / "c.json")["image_hw"].tolist() == [[4, 6], [8, 10]]
     for args, message in (((extr[:, :2], intr), r"\[S, 3, 4\]"), ((extr, intr[:1]), r"intrinsic: expected \[2, 3, 3\]"),
                           ((extr, intr, ["a", "b"], [4, 6, 8]), "image_hw")):
