@@ -61,7 +61,9 @@ def test_every_artifact_is_produced(tmp_path, precision, pcd):
     if precision != "fp32":
         check = report["stages"]["precision_graph"]["verification"]
         assert set(check["errors"]) == set(outputs)
-        assert all(e["rel_l2"] <= check["tolerance_rel_l2"] for e in check["errors"].values())
+        # stated here, not read from the report: the tiny graph cast to fp16 / bf16 against fp32
+        limit = {"fp16": 2e-2, "bf16": 5e-2}[precision]
+        assert all(e["rel_l2"] <= limit for e in check["errors"].values()), check["errors"]
         low = "fp16" if precision == "fp16" else "bf16"
         assert report["stages"]["build"]["network_precision"]["output_dtypes"].get(low, 0) > 0
     assert list((tmp_path / "logs").glob("vggt_to_trt-*.log"))

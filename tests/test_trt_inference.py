@@ -93,7 +93,10 @@ def test_engines_dir_sweep_reports_unrunnable(tiny_onnx: Path, tmp_path_factory:
     assert len(rows) >= 1
     row = next(r for r in rows if r["engine"].endswith("tiny_fp32.engine"))
     assert row["quant_mode"] == "none" and row["precision"] == "fp32"
-    if row["status"] == "ok":  # a machine that can run it
-        assert row["rank"] >= 1 and row["fps"] > 0
-    else:
-        assert row["status"] == "cannot run" and row["reason"] and "cannot run here" in text
+    from vggt_trt.trt.backend import cuda_device_count
+
+    gpus, why = cuda_device_count()
+    if gpus:  # a machine with an NVIDIA GPU runs the engine
+        assert row["status"] == "ok" and row["rank"] >= 1 and row["fps"] > 0
+    else:  # CI and the development machines: no GPU, so the row says it cannot run, and why
+        assert row["status"] == "cannot run" and row["reason"] and "cannot run here" in text, (why, row)
