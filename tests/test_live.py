@@ -273,3 +273,24 @@ def test_live_loop_publishes_the_growing_map_and_active_cameras_to_the_viewer(tm
         stats = viewer.stats()
     assert published == s["map"]["voxels_per_batch"] and published == sorted(published) and published[-1] > published[0]
     assert stats["served_points"] == published[-1] and stats["served_cameras"] == 3 and stats["error"] is None
+
+
+def test_live_fit_call_site_recovers_scale_and_shift_from_vggt_depth() -> None:
+    """LiveSession._fit fits 1/depth against the disparity: a disparity made from known (scale, shift)
+    must give them back exactly (the fit, the EMA start and the depth range are checked by value)."""
+    from vggt_trt.pipelines.live import LiveSession
+
+    rng = np.random.default_rng(4)
+    depth = rng.uniform(1.0, 5.0, size=(2, 42, 56))
+    truth = [(0.5, 0.05), (2.0, -0.1)]
+    disp = np.stack([(1.0 / depth[i] - shift) / scale for i, (scale, shift) in enumerate(truth)])
+    session = LiveSession.__new__(LiveSession)
+    session.o = LiveOptions(source="webcams", out_dir=Path("unused"), conf_percentile=0.0, ema=0.3)
+    session.st = type("S", (), {"calibs": {}})()
+    ref = {"extr": np.zeros((2, 3, 4)), "intr": np.zeros((2, 3, 3)), "depth": depth,
+           "conf": np.ones((2, 42, 56)), "stored": False}
+    session._fit(["a", "b"], disp, ref)
+    for name, (scale, shift) in zip("ab", truth):
+        c = session.st.calibs[name]
+        assert c.scale == pytest.approx(scale, rel=1e-9) and c.shift == pytest.approx(shift, abs=1e-9)
+        assert c.updates == 1 and c.median_depth == pytest.approx(float(np.median(depth["ab".index(name)])))
