@@ -127,12 +127,12 @@ def test_unavailable_only_is_success_unless_strict(tmp_path: Path, fake: dict[st
 
 def test_real_tiny_sweep(tmp_path: Path) -> None:
     """MODEL=tiny through the real vggt_to_trt.py: `none` builds every precision, then an unknown mode stops the
-    sweep with a message naming it. (Exit code 3 "unavailable" is covered above: on this CPU machine every real
+    FAIL_FAST sweep with a message naming it. (Exit code 3 "unavailable" is covered above: on this CPU machine every real
     mode runs -- bitsandbytes is emulated, ModelOpt is installed.)"""
     pytest.importorskip("tensorrt_rtx", reason="engine builds on CPU need tensorrt-rtx-cu13")
     env = {"PYTHON": sys.executable, "MODEL": "tiny", "NUM_CAMS": "2", "HEIGHT": "28", "WIDTH": "28",
            "PCD_ONLY": "1", "CALIB_BATCHES": "1", "QUANT_MODES": "none no-such-mode",
-           "EXTRA_ARGS": "--opt-level 0 --workspace-gb 1 --no-verify"}
+           "FAIL_FAST": "1", "EXTRA_ARGS": "--opt-level 0 --workspace-gb 1 --no-verify"}
     res = _sweep(tmp_path, env, timeout=400)
     out = res.stdout
     summary = out.split("run_all_exports summary")[-1]
