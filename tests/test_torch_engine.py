@@ -116,3 +116,28 @@ def test_a_file_that_is_not_a_compile_cache_is_refused(tmp_path):
     bad.write_bytes(b"not a cache")
     with pytest.raises(Exception, match="is not a vggt-trt compile cache"):
         read_compile_cache_header(bad)
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    from vggt_trt.errors import InputError
+    from vggt_trt.runtime.torch_runner import TorchRunner
+
+    runner = TorchRunner(model_name="tiny", random_init=True, device="cpu", cuda_graph=True)
+    with pytest.raises(InputError, match="CUDA graphs .*need a CUDA device; this runner is on cpu"):
+        runner.activate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_replays_each_new_input(images):
+    from vggt_trt.runtime.torch_runner import TorchRunner
+
+    feeds = [{"images": images[:4].numpy()}, {"images": images[3:].numpy()}]
+    with TorchRunner(model_name="tiny", random_init=True, device="cuda") as eager:
+        expected = [eager.infer(f) for f in feeds]
+    with TorchRunner(model_name="tiny", random_init=True, device="cuda", cuda_graph=True) as graphed:
+        first = graphed.infer(feeds[0])  # eager call, then capture
+        assert graphed.compile_report["cuda_graph_capture_s"] >= 0
+        replayed = [graphed.infer(f) for f in feeds]
+    for ref, out in zip([expected[0], *expected], [first, *replayed]):
+        for name in ref:
+            assert rel_l2(torch.from_numpy(ref[name]), torch.from_numpy(out[name])) <= 1e-5, name

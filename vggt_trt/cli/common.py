@@ -44,6 +44,9 @@ def add_compile_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--compile-cache", type=Path,
                        help="compile-cache artifact (.torchcache): loaded when it exists and matches this run "
                             "(shape, precision, torch, GPU), written after the first call when it does not")
+    group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                       help="capture the PyTorch forward in one CUDA graph per input shape and replay it "
+                            "(CUDA only; removes per-kernel launch cost; inputs are copied into a fixed buffer)")
     group.add_argument("--frames-chunk-size", type=int, default=8,
                        help="frames per dense-head pass (default 8, as the official code; bounds memory at many views)")
 

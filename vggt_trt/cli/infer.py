@@ -40,7 +40,8 @@ def runner_from_args(args: argparse.Namespace, which: str | None = None) -> Runn
             raise InputError("--compare engine needs --engine PATH")
         if Path(args.engine).suffix == ARTIFACT_SUFFIX:
             return TorchRunner.from_compile_cache(args.engine, device=args.device, weights=args.weights,
-                                                  frames_chunk_size=args.frames_chunk_size)
+                                                  frames_chunk_size=args.frames_chunk_size,
+                                                  cuda_graph=args.cuda_graph)
         return make_runner(args.engine, "engine", trt_backend=args.trt_backend,
                            device_index=cuda_index(args.device))
     if which == "onnx":
@@ -50,7 +51,8 @@ def runner_from_args(args: argparse.Namespace, which: str | None = None) -> Runn
         return make_runner(args.onnx, "onnx", providers=providers, opt_level=args.ort_opt_level)
     return TorchRunner(model_name=args.model_name, weights=args.weights, precision=args.precision,
                        device=args.device, random_init=args.random_init, seed=args.seed, compile=args.compile,
-                       compile_cache=args.compile_cache, frames_chunk_size=args.frames_chunk_size)
+                       compile_cache=args.compile_cache, frames_chunk_size=args.frames_chunk_size,
+                       cuda_graph=args.cuda_graph)
 
 
 def compare_runner(args: argparse.Namespace) -> Runner:

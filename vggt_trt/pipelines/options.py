@@ -28,11 +28,13 @@ class VggtModelOptions:
     compile: bool = False  # regional torch.compile of the PyTorch model
     compile_cache: Path | None = None  # .torchcache to load (or write after the first call)
     frames_chunk_size: int | None = 8  # frames per dense-head pass of the PyTorch model
+    cuda_graph: bool = False  # replay the PyTorch forward from one CUDA graph per input shape
 
     def make_runner(self) -> Any:
         if self.model_path is not None and Path(self.model_path).suffix == ARTIFACT_SUFFIX:
             return TorchRunner.from_compile_cache(self.model_path, device=self.device, weights=self.weights,
-                                                  frames_chunk_size=self.frames_chunk_size)
+                                                  frames_chunk_size=self.frames_chunk_size,
+                                                  cuda_graph=self.cuda_graph)
         if self.backend == "engine":
             return TrtRunner(self.model_path, trt_backend=self.trt_backend, device_index=cuda_index(self.device))
         if self.backend == "onnx":
@@ -40,4 +42,4 @@ class VggtModelOptions:
         return TorchRunner(model_name=self.model_name, weights=self.weights, precision=self.precision,
                            device=self.device, random_init=self.random_init, seed=self.seed,
                            compile=self.compile, compile_cache=self.compile_cache,
-                           frames_chunk_size=self.frames_chunk_size)
+                           frames_chunk_size=self.frames_chunk_size, cuda_graph=self.cuda_graph)
