@@ -22,7 +22,7 @@
 # runs each mode as a Ray task (pip install -r requirements-scale.txt); on a cluster BASE_OUTPUT and this
 # toolkit must be on storage every node sees, at the same path (checked before anything runs).
 #
-# Environment (defaults in brackets): PYTHON [python] NUM_CAMS [8] HEIGHT [518] WIDTH [518]
+# Environment (defaults in brackets): PYTHON [.venv/bin/python next to this script, else python3] NUM_CAMS [8] HEIGHT [518] WIDTH [518]
 # MODEL [facebook/VGGT-1B; "tiny" = the small preset, seeded random weights] BASE_OUTPUT [onnx_exports] CALIB_DATA []
 # CALIB_BATCHES [32] CALIB_SEED [1337] CALIB_CPU [0] PCD_ONLY [0] EXTRA_ARGS [] QUANT_MODES [all six] STRICT [0]
 # FAIL_FAST [0] JOBS [1] MEM_PER_JOB_GIB [] CPUS_PER_JOB [1] GPUS_PER_JOB [auto] RAY_ADDRESS [] RAY_NUM_CPUS []
@@ -30,7 +30,9 @@
 set -uo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
+fi
 export PYTHON
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PYTHON" -m vggt_trt.cli.sweep "$@"

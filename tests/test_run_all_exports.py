@@ -250,3 +250,23 @@ def test_gpu_requests() -> None:
     assert resources_for(trt, gpus_available=False)["num_gpus"] == 1 and resources_for(trt, False)["memory"] == 16 << 30
     assert resources_for(SweepOptions(base_output=Path("x"), gpus_per_job=0, extra_args=["--backend", "tensorrt"]),
                          True)["num_gpus"] == 0
+
+
+@pytest.mark.parametrize("with_venv", [True, False])
+def test_default_python_is_the_project_venv_else_python3(tmp_path: Path, with_venv: bool) -> None:
+    """PYTHON unset: the sweep runs under .venv/bin/python beside the script when there is one, else python3."""
+    (tmp_path / "run_all_exports.sh").write_text(SCRIPT.read_text())
+    fake_bin = tmp_path / ("project/.venv/bin" if with_venv else "bin")
+    fake_bin.mkdir(parents=True)
+    if with_venv:
+        (tmp_path / "project/run_all_exports.sh").write_text(SCRIPT.read_text())
+    exe = fake_bin / ("python" if with_venv else "python3")
+    exe.write_text(f'#!/bin/sh\necho "{exe.name} from {fake_bin.parent.name} $@"\n')
+    exe.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}" if not with_venv else env["PATH"]
+    script = tmp_path / ("project/run_all_exports.sh" if with_venv else "run_all_exports.sh")
+    res = subprocess.run(["bash", str(script), "--help"], env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("python from .venv" if with_venv else "python3 from "), res.stdout
+    assert "-m vggt_trt.cli.sweep --help" in res.stdout
