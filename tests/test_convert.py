@@ -78,6 +78,19 @@ def test_onnx_in_reuses_graph_and_skips_export(exported, tmp_path):
     assert not (out / "vggt-2x3x56x70_fp16.engine").exists()
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--num-cams", "4"], "--num-cams 4 but the graph takes 2"),
+    (["--height", "28", "--width", "70"], "--height 28 but the graph takes 56"),
+    (["--num-cams", "2", "--width", "56"], "--width 56 but the graph takes 70"),
+])
+def test_onnx_in_refuses_shape_flags_that_contradict_the_graph(exported, tmp_path, caplog, flags, words):
+    out = tmp_path / "out"
+    assert run(["--onnx-in", str(exported / "vggt-2x3x56x70.onnx"), *flags, "--precision", "fp16", "--skip-build",
+                "--output-dir", str(out)], tmp_path) == 2
+    assert any(words in r.getMessage() and "is 2x3x56x70" in r.getMessage() for r in caplog.records), caplog.text
+    assert not out.exists() or not list(out.glob("vggt-*"))
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

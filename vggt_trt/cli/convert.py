@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from ..errors import InputError
-from ..pipelines.convert import ConvertOptions, convert, parse_precisions
+from ..pipelines.convert import (DEFAULT_NUM_CAMS, DEFAULT_SIZE, ConvertOptions, convert, or_default,
+                                 parse_precisions)
 from ..pipelines.torch_engine import TorchEngineOptions, build_torch_engine
 from ..precisions import PRECISIONS
 from ..quant.modes import QUANT_MODES
@@ -22,14 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-dir", type=Path, default=Path("onnx_exports"), help="artifacts (default: onnx_exports)")
     io.add_argument("--log-dir", type=Path, default=Path("logs"), help="run logs (default: logs)")
     geo = p.add_argument_group("model geometry")
-    geo.add_argument("--num-cams", type=int, default=8,
-                     help="views per forward (default 8); with --min-cams/--max-cams the optimum of the range")
+    geo.add_argument("--num-cams", type=int,
+                     help="views per forward (default 8; with --onnx-in the graph's, and a different value is "
+                          "refused); with --min-cams/--max-cams the optimum of the range")
     geo.add_argument("--min-cams", type=int,
                      help="with --max-cams: one graph and engine for any view count in min..max (a dynamic view "
                           "axis and a TensorRT optimisation profile; stem vggt-<min>to<max>x3xHxW)")
     geo.add_argument("--max-cams", type=int, help="largest view count of a dynamic view axis (see --min-cams)")
-    geo.add_argument("--height", type=int, default=518, help="input height, multiple of 14 (default 518)")
-    geo.add_argument("--width", type=int, default=518, help="input width, multiple of 14 (default 518)")
+    geo.add_argument("--height", type=int,
+                     help="input height, multiple of 14 (default 518; with --onnx-in the graph's)")
+    geo.add_argument("--width", type=int, help="input width, multiple of 14 (default 518; with --onnx-in the graph's)")
     geo.add_argument("--pcd-only", action="store_true", help="only camera + depth heads (point clouds)")
     geo.add_argument("--model-name", default="facebook/VGGT-1B", help="preset (tiny, vggt-1b), hub id or local dir")
     geo.add_argument("--weights", type=Path, help="local checkpoint (model.safetensors / model.pt)")
@@ -74,7 +77,8 @@ def build_torch(args: argparse.Namespace) -> int:
         raise InputError("--backend torch compiles the PyTorch model directly: drop --export/--onnx-in/"
                          "--all-precisions/--quant-mode")
     report = build_torch_engine(TorchEngineOptions(
-        output_dir=args.output_dir, num_cams=args.num_cams, height=args.height, width=args.width,
+        output_dir=args.output_dir, num_cams=or_default(args.num_cams, DEFAULT_NUM_CAMS),
+        height=or_default(args.height, DEFAULT_SIZE), width=or_default(args.width, DEFAULT_SIZE),
         pcd_only=args.pcd_only, model_name=args.model_name, weights=args.weights, random_init=args.random_init,
         seed=args.seed, precision=args.precision, device=args.device))
     logging.getLogger("vggt_to_trt").info("%s %s: %s", report["stem"], report["precision"], report["path"])

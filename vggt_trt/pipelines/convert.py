@@ -63,11 +63,11 @@ class ConvertOptions:
     output_dir: Path = Path("onnx_exports")
     export: bool = False
     onnx_in: Path | None = None
-    num_cams: int = 8
+    num_cams: int | None = None  # None: 8 for --export, the graph's for --onnx-in
     min_cams: int | None = None  # with max_cams: one graph and engine for min..max views (num_cams: the optimum)
     max_cams: int | None = None
-    height: int = 518
-    width: int = 518
+    height: int | None = None  # None: 518 for --export, the graph's for --onnx-in
+    width: int | None = None
     pcd_only: bool = False
     model_name: str = "facebook/VGGT-1B"
     weights: Path | None = None
@@ -117,8 +117,16 @@ class ConvertOptions:
         check_writable(self.output_dir)
 
     def export_spec(self) -> ExportSpec:
-        return ExportSpec(self.num_cams, self.height, self.width, self.pcd_only, self.opset,
+        return ExportSpec(or_default(self.num_cams, DEFAULT_NUM_CAMS), or_default(self.height, DEFAULT_SIZE),
+                          or_default(self.width, DEFAULT_SIZE), self.pcd_only, self.opset,
                           min_cams=self.min_cams, max_cams=self.max_cams)
+
+
+DEFAULT_NUM_CAMS, DEFAULT_SIZE = 8, 518
+
+
+def or_default(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def check_writable(directory: Path) -> None:
@@ -188,12 +196,27 @@ def spec_from_onnx(path: Path, opts: ConvertOptions | None = None) -> ExportSpec
             raise InputError(f"--onnx-in: {path} takes exactly {shape[0]} views (a fixed view axis); --min-cams/"
                              "--max-cams need a graph exported with them (vggt_to_trt.py --export --min-cams A "
                              "--max-cams B)")
+        check_shape_flags(path, opts, shape[0], shape[2], shape[3])
         return ExportSpec(shape[0], shape[2], shape[3], **common)
-    views = ViewRange(opts.min_cams, opts.num_cams, opts.max_cams) if flags else read_view_range(path)
+    check_shape_flags(path, opts, None, shape[2], shape[3])
+    views = (ViewRange(opts.min_cams, or_default(opts.num_cams, DEFAULT_NUM_CAMS), opts.max_cams) if flags
+             else read_view_range(path))
     if views is None:
         raise InputError(f"--onnx-in: {path} has a dynamic view axis ({shape[0]!r}) but no recorded view range; "
                          "pass --min-cams A --max-cams B (and --num-cams as the optimum)")
     return ExportSpec(views.opt, shape[2], shape[3], min_cams=views.min, max_cams=views.max, **common)
+
+
+def check_shape_flags(path: Path, opts: ConvertOptions | None, views: int | None, height: int, width: int) -> None:
+    """Refuse --num-cams/--height/--width that contradict the shape of the --onnx-in graph (None: not fixed)."""
+    if opts is None:
+        return
+    given = (("--num-cams", opts.num_cams, views), ("--height", opts.height, height), ("--width", opts.width, width))
+    wrong = [f"{flag} {mine} but the graph takes {theirs}" for flag, mine, theirs in given
+             if mine is not None and theirs is not None and mine != theirs]
+    if wrong:
+        raise InputError(f"--onnx-in: {path} is {views if views is not None else 'N'}x3x{height}x{width}: "
+                         f"{'; '.join(wrong)} (drop the flag, or export a graph of that shape)")
 
 
 def keep_view_axis(path: Path, spec: ExportSpec, stage: str) -> None:
