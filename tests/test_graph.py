@@ -298,3 +298,24 @@ def test_simplify_keeps_matmul_and_skips_when_memory_is_short(toy_onnx, tmp_path
     short = simp.simplify(toy_onnx, tmp_path / "b.simp.onnx", large_model_bytes=1)
     assert short.status == "skipped" and "available" in short.reason
     assert (tmp_path / "b.simp.onnx").is_file()
+
+
+@pytest.mark.parametrize("opset", [13, 18, 21])
+def test_reference_evaluator_runs_dequantize_linear_of_any_opset(tmp_path, opset):
+    """onnx 1.23's reference evaluator has no DequantizeLinear before opset 19: the CPU verifier of bf16
+    quant-mode graphs (opset 18) needs ours, with the same per-axis meaning."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vggt_trt.graph.ort import run_onnx
+
+    q = np.array([[-128, -1, 0, 127], [5, 6, 7, 8]], dtype=np.int8)
+    scale, zero = np.array([0.5, 0.25], dtype=np.float32), np.array([0, 4], dtype=np.int8)
+    inits = [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")]
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)
+    graph = helper.make_graph([node], "dq", [helper.make_tensor_value_info("q", TensorProto.INT8, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
+    path = tmp_path / "dq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    got = run_onnx(path, {"q": q}, backend="reference")["y"]
+    expected = (q.astype(np.float32) - zero[:, None]) * scale[:, None]
+    np.testing.assert_array_equal(got, expected)

@@ -24,6 +24,18 @@ def ort_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError,)
 
 
+def reference_gap_ops(model: Any) -> list[type]:
+    """Kernels the onnx reference evaluator lacks for this graph's opset: DequantizeLinear before opset 19
+    (onnx 1.23 has 19 and later only; later versions only add input types and attributes, whose defaults keep
+    the opset-13 meaning)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset >= 19:
+        return []
+    from onnx.reference.ops.op_dequantize_linear import DequantizeLinear_25
+
+    return [type("DequantizeLinear", (DequantizeLinear_25,), {"op_domain": ""})]
+
+
 def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
              *, backend: str = "ort", opt_level: str = "basic") -> dict[str, np.ndarray]:
     """Run a graph on CPU with ONNX Runtime (``backend="ort"``) or the onnx reference evaluator ("reference")."""
@@ -33,7 +45,7 @@ def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], output_na
 
         model = load_onnx(p)
         names = list(output_names or [o.name for o in model.graph.output])
-        return dict(zip(names, ReferenceEvaluator(model).run(names, dict(feeds))))
+        return dict(zip(names, ReferenceEvaluator(model, new_ops=reference_gap_ops(model)).run(names, dict(feeds))))
     if backend != "ort":
         raise InputError(f"unknown backend {backend!r}; use 'ort' or 'reference'")
     import onnxruntime as ort
