@@ -15,6 +15,7 @@ from vggt_trt.errors import InputError
 from vggt_trt.recon.preprocess import (
     list_images,
     load_and_preprocess_images,
+    load_image,
     official_resize_hw,
     preprocess_to_shape,
     readable_images,
@@ -206,3 +207,141 @@ def test_preprocess_to_shape_cover_and_centre_crop(tmp_path, scene):
     Image.fromarray(tall).save(tmp_path / "tall.png")
     t = preprocess_to_shape([tmp_path / "tall.png"], 14, 28)[0, 0]
     assert t[:5].min() > 0.99 and t[-5:].max() < 0.01  # source row 500 (the edge) maps to the centre
+
+
+# --------------------------------------------------------------------------- bit depths and modes
+
+def _gradient16(h: int = 6, w: int = 64) -> np.ndarray:
+    """A 16-bit ramp over the full range, off the multiples of 257 so that scaling must round."""
+    return np.linspace(0, 65535, h * w).round().astype(np.uint16).reshape(h, w)
+
+
+def _eight(values16: np.ndarray) -> np.ndarray:
+    return np.rint(values16.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def _png16_rgb(path: Path, rgb: np.ndarray) -> None:
+    """A 16-bit RGB PNG written by hand (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def _write(kind: str, path: Path) -> tuple[Path, np.ndarray]:
+    """Write a synthetic image of ``kind``; returns its path and the expected 8-bit RGB."""
+    g8 = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (6, 1))
+    rgb8 = np.stack([g8, 255 - g8, g8 // 2], -1)
+    g16 = _gradient16()
+    if kind == "L":
+        Image.fromarray(g8, "L").save(path)
+        return path, np.repeat(g8[..., None], 3, -1)
+    if kind == "RGB":
+        Image.fromarray(rgb8, "RGB").save(path)
+        return path, rgb8
+    if kind == "RGBA":
+        Image.fromarray(np.concatenate([rgb8, np.full((6, 64, 1), 255, np.uint8)], -1), "RGBA").save(path)
+        return path, rgb8
+    if kind == "LA":
+        Image.merge("LA", (Image.fromarray(g8), Image.new("L", (64, 6), 255))).save(path)
+        return path, np.repeat(g8[..., None], 3, -1)
+    if kind == "P":
+        Image.fromarray(rgb8, "RGB").quantize(256).save(path)
+        with Image.open(path) as img:
+            return path, np.asarray(img.convert("RGB"))
+    if kind == "I;16":
+        Image.fromarray(g16).save(path)
+        return path, np.repeat(_eight(g16)[..., None], 3, -1)
+    if kind == "I;16B":
+        Image.frombytes("I;16B", (64, 6), g16.astype(">u2").tobytes()).save(path)
+        return path, np.repeat(_eight(g16)[..., None], 3, -1)
+    if kind == "I":
+        Image.fromarray(g16.astype(np.int32)).save(path)
+        return path, np.repeat(_eight(g16)[..., None], 3, -1)
+    if kind == "RGB16":
+        rgb16 = np.stack([g16, 65535 - g16, g16 // 2], -1)
+        _png16_rgb(path, rgb16)
+        return path, _eight(rgb16)
+    if kind == "F":
+        f = (g16 / 65535.0).astype(np.float32)
+        Image.fromarray(f, "F").save(path)
+        return path, np.repeat(np.rint(f.astype(np.float64) * 255).astype(np.uint8)[..., None], 3, -1)
+    raise AssertionError(kind)
+
+
+KINDS = [("L", "png", "L"), ("RGB", "png", "RGB"), ("RGBA", "png", "RGBA"), ("LA", "png", "LA"),
+         ("P", "png", "P"), ("I;16", "png", "I;16"), ("I;16B", "tif", "I;16B"), ("I", "tif", "I"),
+         ("RGB16", "png", "RGB"), ("F", "tif", "F")]
+
+
+@pytest.mark.parametrize("kind,ext,pil_mode", KINDS, ids=[k[0] for k in KINDS])
+def test_load_image_every_depth_and_mode(tmp_path, kind, ext, pil_mode):
+    path, want = _write(kind, tmp_path / f"img.{ext}")
+    with Image.open(path) as img:
+        assert img.mode == pil_mode  # the case really exercises that PIL mode
+    got = np.asarray(load_image(path))
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert got.min() < 50 and not (got == 255).all()
+
+
+@pytest.mark.parametrize("kind", ["L", "RGB", "RGBA", "LA", "P"])
+def test_load_image_8bit_unchanged(tmp_path, kind):
+    path, _ = _write(kind, tmp_path / "img.png")
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA"):
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+        want = np.asarray(img.convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(path)), want)
+
+
+def test_16bit_transparency_key_composited_on_white(tmp_path):
+    g16 = _gradient16()
+    img = Image.fromarray(g16)
+    img.info["transparency"] = int(g16[0, 0])
+    img.save(tmp_path / "key.png", transparency=int(g16[0, 0]))
+    got = np.asarray(load_image(tmp_path / "key.png"))
+    assert (got[0, 0] == 255).all() and np.abs(got[0, 1].astype(int) - int(_eight(g16)[0, 1])).max() <= 1
+
+
+REFUSED = [
+    ("F", lambda p: Image.fromarray(np.full((4, 4), 1000.0, np.float32), "F").save(p), "outside [0, 1]"),
+    ("I", lambda p: Image.fromarray(np.full((4, 4), -5, np.int32)).save(p), "outside 0..65535"),
+    ("LAB", lambda p: Image.new("LAB", (4, 4)).save(p), "not supported"),
+]
+
+
+@pytest.mark.parametrize("mode,write,why", REFUSED, ids=[r[0] for r in REFUSED])
+def test_unusable_modes_refused_by_name(tmp_path, mode, write, why):
+    path = tmp_path / f"odd_{mode}.tif"
+    write(path)
+    with pytest.raises(InputError, match="odd_") as err:
+        load_image(path)
+    text = str(err.value)
+    assert f"mode {mode}" in text and why in text and "accepted" in text
+    ok, bad = readable_images([path])
+    assert not ok and bad[0][0] == path
+
+
+def test_every_reader_sees_16bit_gradient(tmp_path):
+    """Model inputs, calibration/fixed-shape inputs, live image folders and viewer thumbnails: one reader."""
+    from vggt_trt.pipelines.sources import ImageFolderCapture
+    from vggt_trt.view.scene import thumbnail
+
+    path, want = _write("I;16", tmp_path / "g16.png")
+    fixed = preprocess_to_shape([path], 14, 56)[0]
+    assert fixed.min() < 0.2 and fixed.max() > 0.8
+    official = load_and_preprocess_images([path], target_size=126)[0]
+    assert official.min() < 0.2 and not (official == 1.0).all()
+    ok, bgr = ImageFolderCapture([path]).read()
+    assert ok and np.abs(bgr[..., ::-1].astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(thumbnail(path).astype(int) - want.astype(int)).max() <= 1

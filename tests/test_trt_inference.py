@@ -72,6 +72,26 @@ def test_onnx_on_images_uses_fixed_shape(tiny_onnx: Path, tmp_path: Path, capsys
     assert "inference on 2 views" in capsys.readouterr().out
 
 
+def test_per_camera_scene_takes_one_frame_per_camera(tiny_onnx: Path, tmp_path: Path) -> None:
+    """A folder of camera sub-folders gives frame 0 of each camera, as pcd_inference.py picks them."""
+    from vggt_trt.cli import infer
+    from vggt_trt.pipelines.pcd import pick_views
+    from vggt_trt.recon.rig import discover_scene
+
+    for c, cam in enumerate(("camA", "camB", "camC")):
+        (tmp_path / "scene" / cam).mkdir(parents=True)
+        for f in range(3):
+            Image.fromarray(np.full((30, 50, 3), 20 * c + f, np.uint8)).save(tmp_path / "scene" / cam / f"{f:04d}.png")
+    out_json = tmp_path / "result.json"
+    assert CLI.main(["--onnx", str(tiny_onnx), "--images", str(tmp_path / "scene"), "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["inference"]["views"] == ["camA", "camB"]
+    with infer.runner_from_args(infer.build_parser().parse_args(["--onnx", str(tiny_onnx)])) as runner:
+        feeds, names = infer.load_feeds(runner, str(tmp_path / "scene"))
+        assert names == pick_views(discover_scene(tmp_path / "scene"), 2, runner.view_range())[0]
+    images = next(iter(feeds.values()))
+    assert np.allclose(images[0], 0.0) and np.allclose(images[1], 20 / 255)  # frame 0 of camA and of camB
+
+
 def test_user_errors_exit_2(tiny_onnx: Path, tmp_path: Path) -> None:
     assert CLI.main([]) == 2  # no model named
     assert CLI.main(["--onnx", str(tmp_path / "missing.onnx")]) == 2

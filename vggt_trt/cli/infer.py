@@ -14,13 +14,16 @@ import numpy as np
 from ..accuracy import compare_outputs
 from ..atomic import atomic_path, write_json_atomic
 from ..errors import InputError, VggtTrtError
-from ..recon.preprocess import list_images, load_and_preprocess_images, preprocess_to_shape, readable_images
+from ..pipelines.pcd import pick_views
+from ..recon.preprocess import load_and_preprocess_images, preprocess_to_shape
+from ..recon.rig import discover_scene
 from ..model.compiled import ARTIFACT_SUFFIX
 from ..runtime.base import Runner, TensorMeta, random_feeds
 from ..runtime.benchmark import benchmark
 from ..runtime.factory import make_runner
 from ..runtime.torch_runner import TorchRunner
 from ..runtime.trt_runner import cuda_index
+from ..views import ViewRange
 from .common import ArgumentParser, add_compile_arguments, run_cli
 
 logger = logging.getLogger(__name__)
@@ -80,6 +83,15 @@ def _image_meta(runner: Runner) -> TensorMeta:
     return meta[0]
 
 
+def scene_views(images: str, needed: int | None, views: ViewRange | None) -> tuple[list[str], list[Path]]:
+    """View names and image files of a scene as ``pcd_inference.py`` picks them: frame 0 of each camera of a
+    per-camera folder, or each image of a flat folder or glob."""
+    scene = discover_scene(images)
+    names, paths, _ = pick_views(scene, needed, views)
+    logger.info("%s (%s layout): %d views: %s", scene.root, scene.layout, len(names), ", ".join(names))
+    return names, paths
+
+
 def load_feeds(runner: Runner, images: str | None = None, npy: str | None = None, preprocess: str = "crop",
                num_cams: int | None = None, size: int | None = None, seed: int = 0) -> tuple[dict[str, np.ndarray],
                                                                                                list[str]]:
@@ -99,19 +111,12 @@ def load_feeds(runner: Runner, images: str | None = None, npy: str | None = None
             raise InputError(f"{npy}: expected images [S,3,H,W] (or [1,S,3,H,W]), found {list(arr.shape)}")
         return {meta.name: arr.astype(np.float32, copy=False)}, [f"{Path(npy).name}[{i}]" for i in range(arr.shape[0])]
     if images:
-        paths, bad = readable_images(list_images(images))
-        want = s_fixed or num_cams or (max(views.min, min(len(paths), views.max)) if views else len(paths))
-        if len(paths) < want:
-            raise InputError(f"{images}: {len(paths)} readable images, the model needs {want}"
-                             + (f" ({len(bad)} unreadable: {', '.join(p.name for p, _ in bad)})" if bad else ""))
-        if len(paths) > want:
-            logger.info("using the first %d of %d images (the input takes %d views)", want, len(paths), want)
-        paths = paths[:want]
+        names, paths = scene_views(images, s_fixed or num_cams, views)
         if h_fixed and w_fixed:
             arr = preprocess_to_shape(paths, h_fixed, w_fixed)
         else:
             arr = load_and_preprocess_images(paths, mode=preprocess, target_size=default_size)
-        return {meta.name: arr}, [p.name for p in paths]
+        return {meta.name: arr}, names
     shape = (s_fixed or num_cams or (views.opt if views else 2), 3, h_fixed or default_size, w_fixed or default_size)
     logger.info("no --images/--npy: random input of shape %s (seed %d)", list(shape), seed)
     return random_feeds([meta], shape, seed), [f"random[{i}]" for i in range(shape[0])]
@@ -241,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--ort-providers", help="comma list: cpu, cuda, tensorrt (default: cuda if available, else cpu)")
     rt.add_argument("--ort-opt-level", default="basic", choices=("disable", "basic", "extended", "all"))
     data = p.add_argument_group("input (default: random)")
-    data.add_argument("--images", help="image folder or glob, preprocessed to the model's input shape")
+    data.add_argument("--images", help="scene as pcd_inference.py reads it: a folder with one sub-folder per camera "
+                                       "(frame 0 of each) or a flat folder/glob (one view per image), preprocessed "
+                                       "to the model's input shape")
     data.add_argument("--npy", help=".npy with images [S,3,H,W] in [0,1]")
     data.add_argument("--preprocess", default="crop", choices=("crop", "pad"), help="for dynamic-shape models")
     data.add_argument("--num-cams", type=int, help="views for dynamic-shape models (random input default: 2)")

@@ -90,45 +90,54 @@ class Timer:
 
 def select_views(scene: rig.Scene, opts: PcdOptions, needed: int | None, views: ViewRange | None = None
                  ) -> tuple[list[str], list[Path], list[dict[str, str]]]:
-    """Readable frame ``opts.frame`` of up to ``needed`` cameras; broken images are reported and replaced if allowed.
+    """:func:`pick_views` with the view flags of ``opts`` (``--views``, ``--random_views``, ``--seed``, ``--frame``)."""
+    return pick_views(scene, needed, views, names=opts.views, random_views=opts.random_views, seed=opts.seed,
+                      frame=opts.frame)
 
-    With a model that takes a range of view counts (``views``) and no fixed count asked for, every readable
-    camera up to ``views.max`` is used, and cameras that drop out (unreadable, no such frame) are left out as
-    long as ``views.min`` remain.
+
+def pick_views(scene: rig.Scene, needed: int | None, views: ViewRange | None = None, *,
+               names: Sequence[str] | None = None, random_views: int | None = None, seed: int = 0, frame: int = 0
+               ) -> tuple[list[str], list[Path], list[dict[str, str]]]:
+    """Readable frame ``frame`` of up to ``needed`` cameras; broken images are reported and replaced if allowed.
+
+    One frame per camera of a per-camera scene, one view per image of a flat one. With a model that takes a
+    range of view counts (``views``) and no fixed count asked for, every readable camera up to ``views.max`` is
+    used, and cameras that drop out (unreadable, no such frame) are left out as long as ``views.min`` remain;
+    with neither, up to 8 cameras.
     """
-    order, explicit = rig.candidate_views(scene, opts.views, opts.random_views, opts.seed)
+    order, explicit = rig.candidate_views(scene, names, random_views, seed)
     flexible = views is not None and needed is None
     default = views.max if flexible else 8
-    want = needed or (len(order) if explicit else min(opts.random_views or default, len(order)))
+    want = needed or (len(order) if explicit else min(random_views or default, len(order)))
     if explicit and len(order) != want:
         raise InputError(f"--views names {len(order)} cameras but the model takes {want} views (--num_cams)")
     if views is not None and want not in views:
         raise InputError(f"{want} views asked for (--views/--num_cams/--random_views), but the model takes "
                          f"{views.min} to {views.max} views")
     least = views.min if flexible else want
-    names, paths, skipped = [], [], []
+    chosen, paths, skipped = [], [], []
     for name in order:
-        if len(names) == want:
+        if len(chosen) == want:
             break
         frames = scene.frames[name]
-        if opts.frame >= len(frames):
-            skipped.append({"view": name, "reason": f"no frame {opts.frame} (camera has {len(frames)})"})
+        if frame >= len(frames):
+            skipped.append({"view": name, "reason": f"no frame {frame} (camera has {len(frames)})"})
             continue
-        ok, bad = readable_images([frames[opts.frame]])
+        ok, bad = readable_images([frames[frame]])
         if bad:
             skipped.append({"view": name, "image": str(bad[0][0]), "reason": bad[0][1]})
             logger.warning("view %s: unreadable image %s", name, bad[0][0])
             continue
-        names.append(name)
+        chosen.append(name)
         paths.append(ok[0])
-    if len(names) < least:
+    if len(chosen) < least:
         broken = "; ".join(f"{s['view']}: {s.get('image', '')} {s['reason']}" for s in skipped)
-        raise InputError(f"{scene.root}: only {len(names)} readable views, {least} needed (--num_cams)"
+        raise InputError(f"{scene.root}: only {len(chosen)} readable views, {least} needed (--num_cams)"
                          + (f"; skipped {broken}" if broken else ""))
-    if len(names) < want:
+    if len(chosen) < want:
         logger.warning("using %d views instead of %d: %d cameras dropped out (the model takes %d to %d views)",
-                       len(names), want, want - len(names), views.min, views.max)
-    return names, paths, skipped
+                       len(chosen), want, want - len(chosen), views.min, views.max)
+    return chosen, paths, skipped
 
 
 def _source_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError
+from ..recon.preprocess import load_image
 from ..recon.rig import Scene, candidate_views, discover_scene
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def require_cv2() -> Any:
 
 
 class ImageFolderCapture:
-    """A camera's frame files as a capture (PIL; BGR like OpenCV). An unreadable file ends the camera."""
+    """A camera's frame files as a capture (read by :func:`load_image`; BGR like OpenCV). An unreadable file ends
+    the camera."""
 
     def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
         self.paths = [Path(p) for p in paths]
@@ -122,17 +124,14 @@ class ImageFolderCapture:
         return bool(self.paths)
 
     def read(self) -> tuple[bool, np.ndarray | None]:
-        from PIL import Image, UnidentifiedImageError
-
         if self.pos >= len(self.paths):
             return False, None
         path = self.paths[self.pos]
         self.pos += 1
         try:
-            with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            self.error = f"unreadable frame {path}: {exc}"
+            rgb = np.asarray(load_image(path))
+        except InputError as exc:
+            self.error = f"unreadable frame: {exc}"
             raise OSError(self.error) from exc
         return True, np.ascontiguousarray(rgb[..., ::-1])
 

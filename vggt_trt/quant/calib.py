@@ -42,7 +42,7 @@ __all__ = ["PREPROCESS_VERSION", "CalibrationSet", "calibration_set", "load_cali
 
 # Bump when preprocess_to_shape (or how calibration arrays are interpreted) changes numerically:
 # it is part of every cache key, so old calibrated graphs are not reused.
-PREPROCESS_VERSION = "preprocess_to_shape-v1"
+PREPROCESS_VERSION = "preprocess_to_shape-v2"
 _SYNTHETIC_VERSION = "synthetic-v1"
 _ARRAY_SUFFIXES = (".npy", ".npz")
 _PATCH = 14

@@ -17,6 +17,8 @@ Deliberate differences: the result is a numpy array (``torch.from_numpy`` gives 
 tensor without a copy); images with alpha in other modes (``LA``, ``PA``, palette with a
 transparency key) are composited on white too, where the reference only does so for ``RGBA``;
 EXIF orientation is ignored by default, as in the reference (``exif_transpose=True`` applies it).
+Every image is read by :func:`load_image`, which also converts 16-bit and float images to 8 bits
+(the reference would turn a 16-bit PNG white) and refuses modes it cannot convert.
 
 :func:`preprocess_to_shape` serves engines with a fixed input shape: each image is scaled to
 cover ``height x width`` keeping its aspect ratio and centre-cropped to it, in one PIL bicubic
@@ -101,22 +103,73 @@ def list_images(dir_or_glob: PathLike, recursive: bool = True) -> list[Path]:
     return sorted(found, key=lambda p: os.fspath(p))
 
 
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_KEYED_MODES = ("P", "L", "RGB")
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "RGBa", "La", "RGBX", "CMYK", "YCbCr")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ACCEPTED = ("8-bit L, P, RGB, RGBA, LA, PA, CMYK, YCbCr, 1-bit; 16-bit grayscale (I;16, I;16B, I with values "
+             "0..65535); 16-bit RGB/RGBA PNG; float (F) with values in [0, 1]")
+
+
+def _refuse(path: Path, mode: str, why: str) -> InputError:
+    return InputError(f"cannot use image {path}: mode {mode} {why}; accepted: {_ACCEPTED}")
+
+
+def _wide_to_8bit(img: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit (``I;16*``, ``I``) or float (``F``) grayscale image as 8-bit ``L`` (``LA`` with a tRNS key)."""
+    values = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+            raise _refuse(path, img.mode, f"has values outside [0, 1] (found {values.min():g}..{values.max():g})")
+        scale = 255.0
+    else:
+        if values.min() < 0 or values.max() > 65535:
+            raise _refuse(path, img.mode, f"has values outside 0..65535 (found {values.min():g}..{values.max():g})")
+        scale = 255.0 / 65535.0
+    gray = Image.fromarray(np.rint(values * scale).astype(np.uint8), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, int) and img.mode != "F":
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (gray, alpha))
+    return gray
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
+        img = _wide_to_8bit(img, path)
+    elif img.mode not in _EIGHT_BIT_MODES:
+        raise _refuse(path, img.mode, "is not supported")
+    has_alpha = img.mode in _ALPHA_MODES or (img.mode in _KEYED_MODES and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
 def load_image(path: PathLike, exif_transpose: bool = False) -> Image.Image:
-    """Open and fully decode an image as RGB, compositing any alpha channel on white."""
+    """Open and fully decode an image as 8-bit RGB: the one image reader of the package.
+
+    - 8-bit modes (L, P, RGB, RGBA, LA, PA, CMYK, YCbCr, 1-bit) convert as PIL does;
+    - 16-bit grayscale (``I;16``, ``I;16B``, ``I`` with values 0..65535) scales to 8 bits
+      (``round(v * 255 / 65535)``); 16-bit RGB/RGBA PNGs, which Pillow decodes to their high bytes,
+      come out within one level of the same scaling;
+    - float (``F``, e.g. a float TIFF) must hold values in [0, 1] and scales by 255;
+    - any other mode, or values outside those ranges, raise :class:`InputError` naming the file, its
+      mode and what is accepted.
+
+    Alpha (an alpha channel or a tRNS transparency key) is composited on white, as the reference VGGT
+    loader does, then dropped.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
-            has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-                img.mode in ("P", "L", "RGB") and "transparency" in img.info
-            )
-            if has_alpha:
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, rgba)
-            return img.convert("RGB")
+            return _to_rgb(img, path)
+    except InputError:
+        raise
     except FileNotFoundError as exc:
         raise InputError(f"image file not found: {path}") from exc
     except _READ_ERRORS as exc:

@@ -108,12 +108,8 @@ def load_scene(out_dir: str | Path, max_points: int = DEFAULT_MAX_POINTS) -> Vie
 
 def thumbnail(path: Path, max_side: int = THUMBNAIL_SIDE) -> np.ndarray:
     """The image as ``[h, w, 3]`` uint8, longest side at most ``max_side``."""
-    from PIL import Image, UnidentifiedImageError
+    from ..recon.preprocess import load_image
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((max_side, max_side))
-            return np.asarray(img)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from exc
+    img = load_image(path)
+    img.thumbnail((max_side, max_side))
+    return np.asarray(img)
