@@ -86,3 +86,94 @@ def test_cli_with_a_file_as_log_dir_says_so_in_one_line(tmp_path, capsys):
     assert vggt_to_trt.main(["--model-name", "tiny", "--log-dir", str(blocker)]) == 2
     lines = stderr_lines(capsys)
     assert len(lines) == 1 and f"--log-dir {blocker}" in lines[0], lines
+
+
+SIGINT_DELAY_S = 1.0
+
+
+def _have_rtx() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_rtx") is not None
+
+
+@pytest.mark.skipif(not _have_rtx(), reason="tensorrt_rtx (pip install tensorrt-rtx-cu13) is not installed")
+def test_ctrl_c_during_a_real_build_stops_with_130_and_no_engine(tmp_path):
+    """TensorRT's callbacks used to swallow the KeyboardInterrupt: the build finished and the run exited 0."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(root / "vggt_to_trt.py"), "--export", "--model-name", "tiny", "--num-cams", "2",
+           "--height", "28", "--width", "28", "--pcd-only", "--precision", "fp16", "--backend", "tensorrt-rtx",
+           "--no-verify", "--no-simplify", "--opt-level", "0", "--workspace-gb", "1",
+           "--output-dir", str(out), "--log-dir", str(tmp_path / "logs")]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(110, proc.kill)  # a hung build ends the test instead of hanging it
+    watchdog.start()
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "TensorRT build of" in line:
+                time.sleep(SIGINT_DELAY_S)  # past the first phases: into TensorRT's long ones, where it logs
+                if list(out.glob("*.engine")):
+                    pytest.skip(f"the build finished within {SIGINT_DELAY_S} s, before the Ctrl-C")
+                proc.send_signal(signal.SIGINT)
+                break
+        else:
+            pytest.fail("the build never started:\n" + "".join(lines[-20:]))
+        sent = time.monotonic()
+        lines += proc.stdout.readlines()
+        code = proc.wait()
+        waited = time.monotonic() - sent
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    assert code == 130, log[-3000:]
+    assert waited < 30, f"Ctrl-C took {waited:.1f} s to stop the build"
+    assert "interrupted (Ctrl-C)" in log and "Traceback" not in log and "Exception caught" not in log
+    assert not list(out.glob("*.engine")) and not list(out.glob(".*.tmp")), sorted(p.name for p in out.iterdir())
+
+
+def test_build_interrupt_holds_ctrl_c_and_raises_it_after_the_build():
+    import os
+    import signal
+
+    from vggt_trt.trt.backend import BuildInterrupt
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by something else in this process")
+    interrupt = BuildInterrupt()
+    with interrupt.armed():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the Python-level handler runs between bytecodes
+            if interrupt.is_requested():
+                break
+    assert interrupt.is_requested()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.raise_if_requested()
+
+
+def test_progress_monitor_cancels_the_build_once_asked():
+    from types import SimpleNamespace
+
+    from vggt_trt.trt.backend import make_progress_monitor
+
+    class IProgressMonitor:
+        def __init__(self) -> None:
+            pass
+
+    asked = []
+    monitor = make_progress_monitor(SimpleNamespace(IProgressMonitor=IProgressMonitor), lambda: bool(asked))
+    monitor.phase_start("Building engine", None, 3)
+    assert monitor.step_complete("Building engine", 0) is True
+    asked.append(1)
+    assert monitor.step_complete("Building engine", 1) is False and not monitor.bars
