@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -76,17 +77,61 @@ def ray_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"num_cpus": args.ray_num_cpus, "num_gpus": args.ray_num_gpus, "object_store_mb": args.ray_object_store_mb}
 
 
-def run_cli(job: Callable[[], int], log_dir: Path | None, name: str, verbose: bool) -> int:
-    """Run ``job`` with logging set up; typed library errors become one log line and an exit code."""
-    log_file = setup_logging(log_dir, name, verbose)
-    log = logging.getLogger(name)
-    if log_file:
-        log.info("log file: %s", log_file)
+# errno -> what a user reads: "<words> <path>"
+FS_ERRORS = {
+    errno.ENOSPC: "disk full writing",
+    errno.EDQUOT: "disk quota exceeded writing",
+    errno.EROFS: "read-only file system:",
+    errno.EACCES: "permission denied:",
+    errno.EPERM: "operation not permitted:",
+    errno.ENOTDIR: "a file is in the way where a directory is needed:",
+    errno.EISDIR: "a directory is in the way where a file is needed:",
+    errno.EEXIST: "already exists and is in the way:",
+    errno.ENOENT: "no such file or directory:",
+}
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+def fs_error_message(e: OSError) -> str | None:
+    """One plain line for a file-system error (``disk full writing out/x.engine``); None for other OSErrors."""
+    words = FS_ERRORS.get(e.errno) if e.errno is not None else None
+    if words is None:
+        return None
+    path = "" if e.filename is None else f" {os.fsdecode(e.filename)}"
+    if e.filename2 is not None:
+        path += f" -> {os.fsdecode(e.filename2)}"
+    return f"{words}{path}" if path else (e.strerror or words.rstrip(":")).lower()
+
+
+def start_logging(log_dir: Path | None, name: str, verbose: bool) -> None:
+    """``setup_logging``; a log directory that cannot be written is an InputError naming it."""
     try:
+        log_file = setup_logging(log_dir, name, verbose)
+    except OSError as e:
+        raise InputError(f"cannot write logs to --log-dir {log_dir}: {fs_error_message(e) or e}") from e
+    if log_file:
+        logging.getLogger(name).info("log file: %s", log_file)
+
+
+def run_cli(job: Callable[[], int], log_dir: Path | None, name: str, verbose: bool) -> int:
+    """Run ``job`` with logging set up; typed library errors, file-system errors and Ctrl-C become one log line
+    and an exit code (2 for a file-system error, 130 for Ctrl-C)."""
+    log = logging.getLogger(name)
+    try:
+        start_logging(log_dir, name, verbose)
         return job()
+    except KeyboardInterrupt:
+        log.error("interrupted (Ctrl-C); stopped, only complete artifacts were kept")
+        return INTERRUPTED
     except VggtTrtError as e:
         log.error("%s", e)
         for err_type, code in EXIT_CODES.items():
             if isinstance(e, err_type):
                 return code
         return 1
+    except OSError as e:
+        message = fs_error_message(e)
+        if message is None:
+            raise
+        log.error("%s", message)
+        return 2

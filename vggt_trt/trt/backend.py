@@ -9,11 +9,15 @@ one of them lacks are looked up with getattr and skipped with a logged reason, n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
+import os
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from ..errors import BuildError, InputError, MissingDependencyError
 
@@ -186,8 +190,47 @@ def make_logger(trt: Any, min_severity: str = "WARNING") -> Any:
     return _Logger()
 
 
-def make_progress_monitor(trt: Any) -> Any | None:
-    """An IProgressMonitor that logs build phases (tqdm bars for top-level phases on a terminal); None if absent."""
+class BuildInterrupt:
+    """Ctrl-C during a TensorRT build. TensorRT's Python callbacks (logger, progress monitor) catch a
+    KeyboardInterrupt raised in them ("Exception caught in log()") and the build goes on. While ``armed``, a
+    SIGINT handler records the Ctrl-C instead, the progress monitor cancels the build at its next step, and
+    ``raise_if_requested`` raises KeyboardInterrupt once the build has returned. A second Ctrl-C exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def is_requested(self) -> bool:
+        return self.requested
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            logger.error("second Ctrl-C: exiting now")
+            os._exit(128 + signum)
+        self.requested = True
+        logger.warning("Ctrl-C: cancelling the TensorRT build (Ctrl-C again exits at once)")
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Hold SIGINT for the block; only in the main thread and over Python's own handler (else left alone)."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            logger.debug("Ctrl-C handler not installed: not the main thread, or SIGINT is handled elsewhere")
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def raise_if_requested(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt("TensorRT build cancelled by Ctrl-C")
+
+
+def make_progress_monitor(trt: Any, cancelled: Callable[[], bool] = lambda: False) -> Any | None:
+    """An IProgressMonitor that logs build phases (tqdm bars for top-level phases on a terminal) and cancels the
+    build once ``cancelled()`` is true; None if this TensorRT has none."""
     if not hasattr(trt, "IProgressMonitor"):
         logger.info("this TensorRT has no IProgressMonitor; building without progress reports")
         return None
@@ -210,16 +253,23 @@ def make_progress_monitor(trt: Any) -> Any | None:
                 logger.debug("progress monitor: %s", exc)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
+            if cancelled():
+                self.close_bars()
+                return False  # TensorRT cancels the build
             bar = self.bars.get(phase_name)
             if bar is not None:
                 bar.update(1)
-            return True  # False would cancel the build
+            return True
 
         def phase_finish(self, phase_name: str) -> None:
             bar = self.bars.pop(phase_name, None)
             if bar is not None:
                 bar.close()
             logger.debug("build phase done: %s", phase_name)
+
+        def close_bars(self) -> None:
+            while self.bars:
+                self.bars.popitem()[1].close()
 
     return _Monitor()
 

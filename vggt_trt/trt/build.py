@@ -370,6 +370,7 @@ def build_engine(
     "requested precision absent from the parsed network" into BuildError; the same check on the built engine
     stays a warning (fused blocks hide inner types). An existing engine is replaced only on success.
     ``profile`` (input name -> (min, opt, max) shapes) is required for, and only for, inputs with dynamic axes.
+    Ctrl-C during the build cancels it and raises KeyboardInterrupt; no engine is written (``tb.BuildInterrupt``).
     """
     t_start = time.perf_counter()
     onnx_p, engine_p = Path(onnx_path), Path(engine_path)
@@ -434,7 +435,8 @@ def build_engine(
             tb.set_config(config, "calibration_profile", opt_profile, skipped)
     if hasattr(trt, "ProfilingVerbosity"):  # per-layer detail for the engine inspector
         tb.set_config(config, "profiling_verbosity", trt.ProfilingVerbosity.DETAILED, skipped)
-    monitor = tb.make_progress_monitor(trt)
+    interrupt = tb.BuildInterrupt()
+    monitor = tb.make_progress_monitor(trt, interrupt.is_requested)
     if monitor is not None:
         tb.set_config(config, "progress_monitor", monitor, skipped, check=False)
     if not strong:
@@ -456,10 +458,12 @@ def build_engine(
         _cache, cache_status = load_timing_cache(config, timing_cache_path, info)
 
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    logger.info("TensorRT build of %s started", engine_p.name)
+    with warnings.catch_warnings(), interrupt.armed():
         warnings.simplefilter("ignore", DeprecationWarning)
         plan = builder.build_serialized_network(network, config)
     result.build_seconds = round(time.perf_counter() - t0, 3)
+    interrupt.raise_if_requested()
     if plan is None:
         errors = trt_logger.errors or ["no error message from TensorRT"]
         raise BuildError(f"TensorRT could not build {engine_p.name} from {onnx_p.name} after "
