@@ -113,7 +113,7 @@ def test_ctrl_c_during_a_real_build_stops_with_130_and_no_engine(tmp_path):
            "--no-verify", "--no-simplify", "--opt-level", "0", "--workspace-gb", "1",
            "--output-dir", str(out), "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(110, proc.kill)  # a hung build ends the test instead of hanging it
+    watchdog = threading.Timer(150, proc.kill)  # a hung build ends the test instead of hanging it
     watchdog.start()
     lines: list[str] = []
     try:
@@ -137,7 +137,7 @@ def test_ctrl_c_during_a_real_build_stops_with_130_and_no_engine(tmp_path):
             proc.kill()
     log = "".join(lines)
     assert code == 130, log[-3000:]
-    assert waited < 30, f"Ctrl-C took {waited:.1f} s to stop the build"
+    assert waited < 45, f"Ctrl-C took {waited:.1f} s to stop the build"
     assert "interrupted (Ctrl-C)" in log and "Traceback" not in log and "Exception caught" not in log
     assert not list(out.glob("*.engine")) and not list(out.glob(".*.tmp")), sorted(p.name for p in out.iterdir())
 
