@@ -319,3 +319,27 @@ def test_reference_evaluator_runs_dequantize_linear_of_any_opset(tmp_path, opset
     got = run_onnx(path, {"q": q}, backend="reference")["y"]
     expected = (q.astype(np.float32) - zero[:, None]) * scale[:, None]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_strip_activation_qdq_keeps_weight_quantisers_and_unquantised_values(tmp_path):
+    from onnx import numpy_helper
+
+    from vggt_trt.graph.qdq import has_activation_qdq, strip_activation_qdq
+
+    w = numpy_helper.from_array(np.array([[2, -4]], dtype=np.int8), "w_q")
+    scales = [numpy_helper.from_array(np.array(v, dtype=np.float32), n) for n, v in (("sx", 0.5), ("sw", 0.25))]
+    zero = numpy_helper.from_array(np.array(0, dtype=np.int8), "z")
+    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "z"], ["x_q"]),
+             h.make_node("DequantizeLinear", ["x_q", "sx", "z"], ["x_dq"]),
+             h.make_node("DequantizeLinear", ["w_q", "sw", "z"], ["w"]),
+             h.make_node("Mul", ["x_dq", "w"], ["y"])]
+    graph = h.make_graph(nodes, "qdq", [h.make_tensor_value_info("x", T.FLOAT, [1, 2])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [1, 2])], [w, zero, *scales])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 19)], ir_version=9)
+    assert has_activation_qdq(model)
+    assert strip_activation_qdq(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Mul"] and not has_activation_qdq(model)
+    onnx.save(model, tmp_path / "stripped.onnx")
+    x = np.array([[0.3, 0.7]], dtype=np.float32)  # not on the 0.5 grid: a kept quantiser would round it
+    y = ort.run_onnx(tmp_path / "stripped.onnx", {"x": x})["y"]
+    np.testing.assert_allclose(y, x * np.array([[0.5, -1.0]], dtype=np.float32), rtol=1e-6)
