@@ -226,3 +226,16 @@ def test_colmap_points_are_capped_but_ply_keeps_all(scene: Path, tmp_path: Path)
     lines = [ln for ln in (out / "sparse" / "0" / "points3D.txt").read_text().splitlines() if not ln.startswith("#")]
     assert len(lines) == 50
     assert read_ply(out / "points.ply")["xyz"].shape[0] > 50
+
+
+@pytest.mark.parametrize("layout", ["file", "under-a-file"])
+def test_unusable_out_dir_fails_before_inference(scene: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 layout: str) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    out = blocker if layout == "file" else blocker / "out"
+    rc = _run(["--images", str(scene), "--torch", "--model-name", "tiny", "--num_cams", "2", "--out_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--out-dir {out} is not a directory" in err, err
+    assert "activated" not in err  # no model was loaded
+    assert blocker.read_text() == "not a folder"

@@ -35,3 +35,27 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
     return Path(path)
+
+
+def ensure_writable_dir(directory: str | os.PathLike, flag: str = "output directory") -> Path:
+    """Check that ``directory`` (or, when it does not exist yet, its nearest existing parent) is a directory
+    that takes new files, without creating anything; InputError naming ``flag`` otherwise."""
+    from .errors import InputError
+
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == directory else f" (its parent {existing} is a file)"
+        raise InputError(f"{flag} {directory} is not a directory{where}")
+    if existing == directory:
+        probe = directory / f".write-probe-{uuid.uuid4().hex}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise InputError(f"{flag} {directory} is not writable: {e.strerror or e}") from e
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {directory} cannot be created: {existing} is not writable")
+    return directory

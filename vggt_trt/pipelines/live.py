@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..atomic import write_json_atomic
+from ..atomic import ensure_writable_dir, write_json_atomic
 from ..errors import InputError
 from ..recon import geometry as geo, rig
 from ..recon.frames import FrameUploader, frames_to_model_input
@@ -167,6 +167,7 @@ class LiveOptions(VggtModelOptions):
             raise InputError("need 0 < ema <= 1, 0 <= conf_percentile < 100 and pixel_stride >= 1")
         if self.vggt_every < 0 or (self.voxel_size is not None and not self.voxel_size > 0):
             raise InputError("--vggt_every must be >= 0 and --voxel_size > 0")
+        ensure_writable_dir(self.out_dir, "--out-dir")
         if self.initial_map is not None and not Path(self.initial_map).is_file():
             raise InputError(f"--initial_map: file not found: {self.initial_map}")
 

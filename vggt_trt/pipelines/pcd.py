@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_path, write_json_atomic
-from ..errors import InputError
+from ..atomic import atomic_path, ensure_writable_dir, write_json_atomic
+from ..errors import InputError, MissingDependencyError
 from ..recon import geometry as geo, pointcloud as pc, rig
 from ..recon.preprocess import load_and_preprocess_images, official_resize_hw, preprocess_to_shape, readable_images
 from ..runtime.torch_runner import TorchRunner
@@ -68,6 +68,11 @@ class PcdOptions(VggtModelOptions):
             raise InputError(f"--voxel_size must be > 0, found {self.voxel_size}")
         if self.frame < 0:
             raise InputError(f"--frame must be >= 0, found {self.frame}")
+        ensure_writable_dir(self.out_dir, "--out-dir")
+        try:
+            import plyfile  # noqa: F401 - points.ply is written after inference: fail before it
+        except ImportError as e:
+            raise MissingDependencyError("writing points.ply needs plyfile: pip install plyfile") from e
 
 
 @dataclass
