@@ -120,3 +120,19 @@ def test_engines_dir_sweep_reports_unrunnable(tiny_onnx: Path, tmp_path_factory:
         assert row["status"] == "ok" and row["rank"] >= 1 and row["fps"] > 0
     else:  # CI and the development machines: no GPU, so the row says it cannot run, and why
         assert row["status"] == "cannot run" and row["reason"] and "cannot run here" in text, (why, row)
+
+
+@pytest.mark.parametrize("flag,target,words", [
+    ("--json", "file/x.json", "--json folder {root}/file is not a directory"),
+    ("--save-outputs", "folder", "--save-outputs {root}/folder is a directory; give a file name"),
+    ("--json", "file/deeper/x.json", "(its parent {root}/file is a file)"),
+])
+def test_unwritable_result_paths_fail_before_the_model_runs(tiny_onnx: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture, flag: str, target: str,
+                                                            words: str) -> None:
+    (tmp_path / "file").write_text("in the way")
+    (tmp_path / "folder").mkdir()
+    assert CLI.main(["--onnx", str(tiny_onnx), flag, str(tmp_path / target)]) == 2
+    captured = capsys.readouterr()
+    assert words.format(root=tmp_path) in captured.err, captured.err
+    assert "inference on" not in captured.out

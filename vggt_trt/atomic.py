@@ -59,3 +59,15 @@ def ensure_writable_dir(directory: str | os.PathLike, flag: str = "output direct
     elif not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {directory} cannot be created: {existing} is not writable")
     return directory
+
+
+def ensure_writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """Check before any work that ``path`` can be written as a file: not a directory, in a folder that takes
+    files (or can be created); InputError naming ``flag`` otherwise."""
+    from .errors import InputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file name")
+    ensure_writable_dir(path.parent, f"{flag} folder")
+    return path

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..accuracy import compare_outputs
-from ..atomic import atomic_path, write_json_atomic
+from ..atomic import atomic_path, ensure_writable_file, write_json_atomic
 from ..errors import InputError, VggtTrtError
 from ..pipelines.pcd import pick_views
 from ..recon.preprocess import load_and_preprocess_images, preprocess_to_shape
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     report: dict = {}
+    for flag, path in (("--json", args.json), ("--save-outputs", args.save_outputs)):
+        if path:
+            ensure_writable_file(path, flag)
     if args.engines_dir:
         rows = sweep_engines(args.engines_dir, args.warmup, args.iters, args.trt_backend, args.seed)
         print(format_sweep(rows))
