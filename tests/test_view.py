@@ -182,7 +182,7 @@ def test_cli_serves_the_folder_on_localhost_until_ctrl_c(tmp_path: Path) -> None
         with urllib.request.urlopen(url, timeout=10) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -228,7 +228,22 @@ def test_pcd_inference_viewer_serves_the_result_until_ctrl_c(tmp_path: Path) -> 
         with urllib.request.urlopen(lines[-1].split()[1], timeout=10) as page:
             assert page.status == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_ctrl_c_while_serving_sets_the_stop_event_and_the_handler_is_restored() -> None:
+    """A Ctrl-C that lands while the server is still starting must not leave its threads running."""
+    import os
+    import signal
+    import threading
+
+    from vggt_trt.view.server import ctrl_c_sets
+
+    before = signal.getsignal(signal.SIGINT)
+    with ctrl_c_sets(threading.Event()) as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted.wait(5)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -11,7 +11,7 @@ from ..pipelines.live import LiveOptions, run_live
 from ..pipelines.pcd import PcdOptions, run_pcd
 from ..pipelines.scenes import find_scenes, run_scenes
 from ..view.live import LiveViewer
-from ..view.server import require_viser, serve_output_folder, wait_until_interrupted
+from ..view.server import require_viser, serve_until_interrupted
 from .common import ArgumentParser, add_compile_arguments, add_ray_arguments, ray_kwargs, run_cli
 from .view import add_viewer_address
 
@@ -171,9 +171,8 @@ def run(args: argparse.Namespace) -> int:
               f"residual RMS {summary['alignment']['residual_rms']:.4g}")
     print("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     if args.viewer:
-        view = serve_output_folder(args.out_dir, args.viewer_host, args.viewer_port)
-        print(f"viewer: http://{args.viewer_host}:{view.server.get_port()} (Ctrl-C stops it)", flush=True)
-        wait_until_interrupted(view.server)
+        serve_until_interrupted(args.out_dir, args.viewer_host, args.viewer_port, on_ready=lambda view: print(
+            f"viewer: http://{args.viewer_host}:{view.server.get_port()} (Ctrl-C stops it)", flush=True))
     return 0
 
 

@@ -38,12 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def job() -> int:
         from ..errors import InputError
-        from ..view.server import serve_output_folder, wait_until_interrupted
+        from ..view.server import serve_until_interrupted
 
         if args.max_points < 1:
             raise InputError(f"--max-points must be >= 1, found {args.max_points}")
-        view = serve_output_folder(args.out_dir, args.host, args.port, args.max_points)
-        wait_until_interrupted(view.server)
+        serve_until_interrupted(args.out_dir, args.host, args.port, args.max_points)
         return 0
 
     return run_cli(job, None, "vggt_trt.view", args.verbose)

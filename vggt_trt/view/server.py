@@ -6,9 +6,11 @@ so no tunnel to a public relay is ever offered.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -161,14 +163,31 @@ def serve_output_folder(out_dir: Any, host: str = DEFAULT_HOST, port: int = DEFA
     return view
 
 
-def wait_until_interrupted(server: Any, poll_s: float = 0.5) -> None:
-    """Block until Ctrl-C, then stop the server."""
-    import time
-
+@contextlib.contextmanager
+def ctrl_c_sets(event: threading.Event) -> Iterator[threading.Event]:
+    """Within the block, Ctrl-C (SIGINT) sets ``event`` instead of raising wherever the main thread is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
     try:
-        while True:
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        logger.info("stopping the viewer")
+        yield event
     finally:
-        server.stop()
+        signal.signal(signal.SIGINT, previous)
+
+
+def serve_until_interrupted(out_dir: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                            max_points: int | None = None, on_ready: Callable[[SceneView], None] | None = None,
+                            poll_s: float = 0.5) -> None:
+    """Serve ``out_dir`` until Ctrl-C, then stop the server. The Ctrl-C handler is in place before the server
+    starts, so a Ctrl-C at any moment (even while it starts) ends in a clean stop, never in live server threads."""
+    with ctrl_c_sets(threading.Event()) as interrupted:
+        view = serve_output_folder(out_dir, host, port, max_points)
+        try:
+            if on_ready is not None:
+                on_ready(view)
+            while not interrupted.wait(poll_s):
+                pass
+            logger.info("stopping the viewer")
+        finally:
+            view.server.stop()
