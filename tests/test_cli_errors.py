@@ -113,7 +113,7 @@ def test_ctrl_c_during_a_real_build_stops_with_130_and_no_engine(tmp_path):
            "--no-verify", "--no-simplify", "--opt-level", "0", "--workspace-gb", "1",
            "--output-dir", str(out), "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    watchdog = threading.Timer(150, proc.kill)  # a hung build ends the test instead of hanging it
+    watchdog = threading.Timer(300, proc.kill)  # a hung build ends the test instead of hanging it
     watchdog.start()
     lines: list[str] = []
     try:

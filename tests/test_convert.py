@@ -251,3 +251,19 @@ def test_fp8_graph_cast_check_measures_the_cast_not_the_fp8_steps(tmp_path):
     assert "removed from both graphs" in check["activation_qdq"]
     assert max(e["rel_l2"] for e in check["errors"].values()) <= check["tolerance_rel_l2"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".cast-check-")]
+
+
+def test_activation_quant_mode_builds_the_float_precisions_and_refuses_a_second_quantisation(tmp_path, caplog):
+    """modelopt-fp8 graphs already carry activation Q/DQ: --all-precisions skips int8/fp8/int4 by name (ModelOpt's
+    ONNX PTQ crashed on them), and asking for one of them alone is refused before the export."""
+    pytest.importorskip("modelopt")
+    tiny28 = ["--model-name", "tiny", "--num-cams", "2", "--height", "28", "--width", "28", "--pcd-only",
+              "--quant-mode", "modelopt-fp8", "--skip-build", "--calib-batches", "1"]
+    out = tmp_path / "o"
+    assert run(["--export", *tiny28, "--precision", "int8", "--output-dir", str(out)], tmp_path) == 2
+    assert any("would quantise it a second time" in r.getMessage() for r in caplog.records)
+    assert not out.exists() or not list(out.glob("vggt-*"))
+    assert run(["--export", *tiny28, "--all-precisions", "--output-dir", str(out)], tmp_path) == 0
+    reports = sorted(p.name for p in out.glob("vggt-2x3x28x28-pcd_*.json"))
+    assert reports == [f"vggt-2x3x28x28-pcd_{p}.json" for p in ("bf16", "fp16")], reports
+    assert any("precisions fp8, int8, int4 skipped" in r.getMessage() for r in caplog.records)

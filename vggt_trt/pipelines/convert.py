@@ -40,7 +40,7 @@ from ..model.vggt import VGGT
 from ..model.weights import build_model, config_for_model_name
 from ..precisions import ALL_PRECISIONS, CAST_PRECISIONS, PRECISIONS, QDQ_PRECISIONS
 from ..quant.calib import CalibrationSet, calibration_set
-from ..quant.modes import apply_quant_mode, finalize_quant_mode_graph
+from ..quant.modes import ACTIVATION_QUANT_MODES, apply_quant_mode, finalize_quant_mode_graph
 from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
 from ..quant.trt10_calibrator import make_entropy_calibrator
 from ..views import ViewRange
@@ -106,6 +106,10 @@ class ConvertOptions:
         if any(p in QDQ_PRECISIONS for p in self.precisions) or self.quant_mode != "none":
             if self.calib_batches < 1:
                 raise InputError(f"--calib-batches must be at least 1, found {self.calib_batches}")
+        if self.quant_mode in ACTIVATION_QUANT_MODES and all(p in QDQ_PRECISIONS for p in self.precisions):
+            raise InputError(f"--quant-mode {self.quant_mode} already quantises the activations (Q/DQ in the graph); "
+                             f"--precision {'/'.join(self.precisions)} would quantise it a second time: use fp32, "
+                             "fp16 or bf16 (the quantised layers stay as the mode made them)")
         if self.int8_calibrator and "int8" not in self.precisions:
             raise InputError("--int8-calibrator applies to int8 only: add --precision int8 (or --all-precisions)")
         if self.int8_calibrator and self.quant_mode != "none":
@@ -516,8 +520,15 @@ def convert_precisions(opts: ConvertOptions, spec: Any, final: Path, timings: di
                        shared: dict[str, Any], large: bool, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One precision graph, engine and build report per ``opts.precisions``; ``extra`` goes into every report."""
     verify = opts.verify if opts.verify is not None else graph_bytes(final) <= VERIFY_MAX_BYTES
+    precisions = opts.precisions
+    if opts.quant_mode in ACTIVATION_QUANT_MODES:
+        precisions = tuple(p for p in precisions if p not in QDQ_PRECISIONS)
+        skipped = [p for p in opts.precisions if p in QDQ_PRECISIONS]
+        if skipped:
+            logger.info("precisions %s skipped: --quant-mode %s already quantises the activations, so an ONNX "
+                        "PTQ precision would quantise the graph twice", ", ".join(skipped), opts.quant_mode)
     reports = []
-    for precision in tqdm(opts.precisions, desc="precisions", unit="precision", disable=len(opts.precisions) < 2):
+    for precision in tqdm(precisions, desc="precisions", unit="precision", disable=len(precisions) < 2):
         report = _convert_precision(opts, spec, final, precision, verify, dict(timings), shared, large, extra or {})
         reports.append(report)
     return reports

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "torch-int8-dynamic", "bitsandbytes-8bit", "bitsandbytes-nf4", "bitsandbytes-fp4",
                "modelopt-fp8")
+ACTIVATION_QUANT_MODES = ("modelopt-fp8",)  # their graphs already carry activation Q/DQ: no ONNX PTQ on top
 
 
 # --------------------------------------------------------------------------- pre-export quant modes
