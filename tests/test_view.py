@@ -169,7 +169,8 @@ def test_cli_serves_the_folder_on_localhost_until_ctrl_c(tmp_path: Path) -> None
     root = make_output_folder(tmp_path / "out")
     proc = subprocess.Popen([sys.executable, "-m", "vggt_trt.view", str(root), "--port", "0", "--max-points", "100"],
                             cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True,
-                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         url, lines = None, []
         for line in proc.stderr:
@@ -216,7 +217,8 @@ def test_pcd_inference_viewer_serves_the_result_until_ctrl_c(tmp_path: Path) -> 
     proc = subprocess.Popen([sys.executable, str(root / "pcd_inference.py"), "--images", str(scene), "--torch",
                              "--model-name", "tiny", "--num-cams", "4", "--out-dir", str(tmp_path / "out"),
                              "--viewer", "--viewer-port", "0"], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         lines = []
         for line in proc.stdout:
@@ -232,6 +234,13 @@ def test_pcd_inference_viewer_serves_the_result_until_ctrl_c(tmp_path: Path) -> 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """A shell's background job inherits SIGINT ignored; the user's terminal delivers it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_while_serving_sets_the_stop_event_and_the_handler_is_restored() -> None:
