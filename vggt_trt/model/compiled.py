@@ -59,6 +59,14 @@ def compile_regions(model: nn.Module, mode: str = "default") -> list[str]:
     return compiled
 
 
+def compile_cache_counters() -> dict[str, int]:
+    """This process's hits, misses and bypasses of the AOTAutograd and Inductor caches (how a warm start went)."""
+    from torch._dynamo.utils import counters
+
+    return {f"{group}.{name}": int(n) for group in ("aot_autograd", "inductor") for name, n in counters[group].items()
+            if "cache" in name}
+
+
 def _device_facts(device: Any) -> dict[str, Any]:
     import torch
 

@@ -161,6 +161,9 @@ class TorchRunner(Runner):
                 self.last_inference_ms = (time.perf_counter() - t0) * 1e3
         if first:
             self.compile_report["first_call_s"] = round(time.perf_counter() - t_first, 3)
+            from ..model.compiled import compile_cache_counters
+
+            self.compile_report["cache_counters"] = compile_cache_counters()
             logger.info("compiled forward: first call %.1f s (kernels %s)", self.compile_report["first_call_s"],
                         "from the cache" if "cache_loaded_s" in self.compile_report else "built")
             if self._save_cache_after_first_call:
