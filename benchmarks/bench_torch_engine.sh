@@ -3,7 +3,9 @@
 # start a fresh process on it with empty local compile caches (only the artifact supplies kernels), the
 # same with --cuda-graph, and eager with and without --cuda-graph. Each step's JSON and log land in OUT_DIR;
 # wall.txt holds each command's wall time (process start -> exit). Compile caches go under CACHE_ROOT.
-# Usage: benchmarks/bench_torch_engine.sh OUT_DIR [PRECISION]   (PYTHON, ITERS, VIEWS, SIZE from the environment)
+# Usage: benchmarks/bench_torch_engine.sh OUT_DIR [PRECISION]
+# Environment: PYTHON, ITERS, VIEWS, SIZE, CACHE_ROOT, STEPS (default: all of build compiled compiled-cudagraph
+# eager eager-cudagraph; the compiled steps need the artifact of the build step).
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [PRECISION]}
 prec=${2:-bf16}
@@ -12,12 +14,14 @@ iters=${ITERS:-30}
 views=${VIEWS:-8}
 size=${SIZE:-518}
 cache_root=${CACHE_ROOT:-$out/caches}
+steps=" ${STEPS:-build compiled compiled-cudagraph eager eager-cudagraph} "
 mkdir -p "$out"
 model=(--model-name vggt-1b --random-init)
 artifact="$out/vggt-${views}x3x${size}x${size}-pcd_${prec}.torchcache"
 
 timed() {  # timed NAME CMD...: run CMD, log to OUT/NAME.log, append "NAME seconds" to wall.txt
     local name=$1; shift
+    [[ $steps == *" $name "* ]] || return 0
     local t0; t0=$(date +%s%N)
     "$@" >"$out/$name.log" 2>&1 || { echo "$name failed (log: $out/$name.log)"; tail -20 "$out/$name.log"; }
     echo "$name $(( ($(date +%s%N) - t0) / 1000000 )) ms" | tee -a "$out/wall.txt"

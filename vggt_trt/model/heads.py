@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -148,22 +148,35 @@ class DPTHead(nn.Module):
             nn.Conv2d(features // 2, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, output_dim, 1)
         )
 
-    @staticmethod
-    def _add_pos_embed(x: torch.Tensor, aspect_ratio: float, ratio: float = 0.1) -> torch.Tensor:
-        args = (int(x.shape[-2]), int(x.shape[-1]), int(x.shape[1]), aspect_ratio, x.device, x.dtype, ratio)
-        return x + shape_constant(("uv",) + args, lambda: uv_pos_embed(*args))[None]
+    def pos_embeds(self, image_hw: tuple[int, int], device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """The uv embeddings ``features`` adds (one per pyramid level, then the full-resolution one), float32.
 
-    def features(self, layers: Mapping[int, torch.Tensor], image_hw: tuple[int, int], patch_start_idx: int):
+        Built once per image size (:func:`shape_constant`) outside the compiled head, which takes them as
+        inputs: a lookup inside it would break its graph at every level, and numpy traced by
+        ``torch.compile`` keeps the head out of the AOTAutograd cache (a full recompile in every process).
+        """
+        H, W = int(image_hw[0]), int(image_hw[1])
+        ph, pw = H // self.patch_size, W // self.patch_size
+        sizes = [(ph, pw, conv.out_channels) for conv in self.projects]
+        sizes.append((ph * self.patch_size, pw * self.patch_size, self.scratch.output_conv1.out_channels))
+        embeds = []
+        for gh, gw, channels in sizes:
+            args = (gh, gw, channels, W / H, device, torch.float32, 0.1)
+            embeds.append(shape_constant(("uv",) + args, lambda args=args: uv_pos_embed(*args)))
+        return embeds
+
+    def features(self, layers: Mapping[int, torch.Tensor], image_hw: tuple[int, int], patch_start_idx: int,
+                 pos_embeds: Sequence[torch.Tensor]):
         """Fused DPT feature before ``output_conv2`` [B*S, features//2, H, W]."""
         H, W = int(image_hw[0]), int(image_hw[1])
         ph, pw = H // self.patch_size, W // self.patch_size
-        aspect = W / H
         pyramid = []
         for i, layer_idx in enumerate(self.intermediate_layer_idx):
             x = layers[layer_idx][:, :, patch_start_idx:]
             x = self.norm(x.reshape(-1, x.shape[-2], x.shape[-1]))
             x = x.permute(0, 2, 1).reshape(x.shape[0], x.shape[-1], ph, pw)
-            x = self._add_pos_embed(self.projects[i](x), aspect)
+            x = self.projects[i](x)
+            x = x + pos_embeds[i].to(x.dtype)[None]
             pyramid.append(self.resize_layers[i](x))
         s = self.scratch
         l1, l2, l3, l4 = (getattr(s, f"layer{i}_rn")(x) for i, x in enumerate(pyramid, start=1))
@@ -173,10 +186,10 @@ class DPTHead(nn.Module):
         out = s.refinenet1(out, l1)
         out = s.output_conv1(out)
         out = F.interpolate(out, size=(ph * self.patch_size, pw * self.patch_size), mode="bilinear", align_corners=True)
-        return self._add_pos_embed(out, aspect)
+        return out + pos_embeds[-1].to(out.dtype)[None]
 
     def forward(self, layers: Mapping[int, torch.Tensor], image_hw: tuple[int, int], patch_start_idx: int,
-                frames_chunk_size: int | None = None):
+                frames_chunk_size: int | None = None, pos_embeds: Sequence[torch.Tensor] | None = None):
         """-> (prediction [B, S, H, W, D-1], confidence [B, S, H, W]).
 
         With ``frames_chunk_size`` the B*S frames go through the head in near-equal chunks of about
@@ -184,6 +197,8 @@ class DPTHead(nn.Module):
         exceed a CUDA upsampling kernel's INT_MAX-element limit and most of the memory.
         """
         B, S = layers[self.intermediate_layer_idx[0]].shape[:2]
+        if pos_embeds is None:
+            pos_embeds = self.pos_embeds(image_hw, layers[self.intermediate_layer_idx[0]].device)
         n_chunks = min(-(-B * S // frames_chunk_size), B * S // 2) if frames_chunk_size else 1
         if n_chunks > 1:
             # near-equal chunks of at least two frames: a one-frame batch takes other convolution
@@ -191,11 +206,12 @@ class DPTHead(nn.Module):
             frames = {i: layers[i].reshape(1, B * S, *layers[i].shape[2:]).tensor_split(n_chunks, dim=1)
                       for i in self.intermediate_layer_idx}
             out = torch.cat([
-                self.scratch.output_conv2(self.features({i: t[c] for i, t in frames.items()}, image_hw, patch_start_idx))
+                self.scratch.output_conv2(self.features({i: t[c] for i, t in frames.items()}, image_hw, patch_start_idx,
+                                                        pos_embeds))
                 for c in range(n_chunks)
             ], dim=0)
         else:
-            out = self.scratch.output_conv2(self.features(layers, image_hw, patch_start_idx))
+            out = self.scratch.output_conv2(self.features(layers, image_hw, patch_start_idx, pos_embeds))
         fmap = out.permute(0, 2, 3, 1)
         pred, conf = fmap[..., :-1], fmap[..., -1]
         if self.activation == "exp":

@@ -99,7 +99,9 @@ class VGGT(nn.Module):
                     result["pose_enc_list"] = torch.stack(encodings)
             chunk = None if exporting() else self.frames_chunk_size
             if wanted & {"depth", "depth_conf"}:
-                result["depth"], result["depth_conf"] = self.depth_head(layers, image_hw, start, chunk)
+                result["depth"], result["depth_conf"] = self.depth_head(
+                    layers, image_hw, start, chunk, self.depth_head.pos_embeds(image_hw, images.device))
             if wanted & {"world_points", "world_points_conf"}:
-                result["world_points"], result["world_points_conf"] = self.point_head(layers, image_hw, start, chunk)
+                result["world_points"], result["world_points_conf"] = self.point_head(
+                    layers, image_hw, start, chunk, self.point_head.pos_embeds(image_hw, images.device))
         return {k: result[k] for k in list(FULL_OUTPUTS) + ["pose_enc_list"] if k in wanted}
