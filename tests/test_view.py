@@ -256,3 +256,26 @@ def test_ctrl_c_while_serving_sets_the_stop_event_and_the_handler_is_restored() 
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupted.wait(5)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_live_viewer_takes_offered_maps_at_its_rate_and_flushes_the_newest() -> None:
+    from vggt_trt.view.live import LiveViewer
+
+    snapshots = []
+
+    def offer(n: int):
+        def snapshot():
+            snapshots.append(n)
+            return np.full((n, 3), 0.5, np.float32), np.zeros((n, 3), np.uint8)
+        return snapshot
+
+    with LiveViewer(port=0, max_points=10**6, max_rate_hz=0.5) as live:
+        assert live.offer_map(offer(10)) is True
+        assert live.offer_map(offer(20)) is False and live.offer_map(offer(30)) is False
+        assert snapshots == [10]  # held-back snapshots are never taken, only the newest on flush
+        assert live.wait_idle(10)
+        assert snapshots == [10, 30] and live.stats()["served_points"] == 30
+        assert live.stats()["deferred_offers"] == 2
+        assert live.offer_map(offer(40)) is False  # the flush restarted the interval
+    with pytest.raises(InputError, match="max_rate_hz"):
+        LiveViewer(port=0, max_rate_hz=0)

@@ -371,8 +371,8 @@ class LiveSession:
             self._fit(*done)
 
     def _publish(self, active: list[str]) -> None:
-        """Hand the map to the viewer (it drops, never queues); camera frusta only when they change."""
-        self.viewer.publish_map(*self.map.means())
+        """Offer the map to the viewer (it takes it at its rate, drops, never queues); frusta only when they change."""
+        self.viewer.offer_map(self.map.means)
         posed = [n for n in self.st.names if self.st.calibs.get(n) and self.st.calibs[n].extrinsic is not None]
         signature = [(n, n in active, self.st.calibs[n].extrinsic) for n in posed]
         if posed and signature != self._published_cameras:
@@ -456,6 +456,8 @@ class LiveSession:
                             batch.skew_ms, len(xyz), len(self.map))
             self._apply_refresh(refresh.poll(wait=True))
             loop_s = time.perf_counter() - t_loop
+            if self.viewer is not None:
+                self.viewer.flush()
             st.memory["end"] = memory_use(self.map_device)
             depth_info = pool.info() if pool else None
             vggt_info = self.vggt.info()

@@ -3,14 +3,18 @@
 ``LiveViewer.publish_map`` and ``set_cameras`` only subsample (on the array's own device), copy, and drop
 the result into a :class:`Mailbox`; a background thread converts and sends it. When the thread (or the
 browser behind it) is slower than the loop, a newer update replaces the unsent one: latest wins, nothing
-queues, and ``stats()['dropped']`` counts what was replaced.
+queues, and ``stats()['dropped']`` counts what was replaced. The live loop offers its map every batch
+(``offer_map``); the map is taken at most ``max_rate_hz`` times a second (a browser shows no more, and
+every update costs the loop a subsample on the GPU and the process a serialisation), and the newest map
+is always shown once the loop pauses (``flush``, ``wait_idle``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +25,7 @@ from .server import DEFAULT_HOST, DEFAULT_PORT, add_frusta, scene_extent, start_
 logger = logging.getLogger(__name__)
 
 DEFAULT_LIVE_MAX_POINTS = 300_000
+DEFAULT_LIVE_MAX_RATE_HZ = 10.0
 
 
 class Mailbox:
@@ -104,9 +109,16 @@ class LiveViewer:
     """A viser server fed by a background thread; the publishing calls return at once."""
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 max_points: int = DEFAULT_LIVE_MAX_POINTS, point_size: float | None = None) -> None:
+                 max_points: int = DEFAULT_LIVE_MAX_POINTS, point_size: float | None = None,
+                 max_rate_hz: float | None = DEFAULT_LIVE_MAX_RATE_HZ) -> None:
         if max_points < 1:
             raise InputError(f"max_points must be >= 1, found {max_points}")
+        if max_rate_hz is not None and not max_rate_hz > 0:
+            raise InputError(f"max_rate_hz must be > 0 (or None for every offer), found {max_rate_hz}")
+        self.min_interval_s = 0.0 if max_rate_hz is None else 1.0 / max_rate_hz
+        self._last_map_s = float("-inf")
+        self._deferred: Callable[[], tuple[Any, Any]] | None = None
+        self.deferred_offers = 0
         self.max_points, self.point_size = max_points, point_size
         self.server = start_server(host, port, label="vggt-trt live")
         self.mailbox = Mailbox()
@@ -136,6 +148,28 @@ class LiveViewer:
                              f"and {list(colors.shape)}")
         self.mailbox.put("map", (_take_rows(points, self.max_points), _take_rows(colors, self.max_points)))
 
+    def offer_map(self, snapshot: Callable[[], tuple[Any, Any]]) -> bool:
+        """Publish ``snapshot()`` (points, colours) if an update is due; else keep it for ``flush``. True if published.
+
+        ``snapshot`` runs only when due, so a loop that offers every batch pays for at most ``max_rate_hz``
+        snapshots a second.
+        """
+        now = time.monotonic()
+        if now - self._last_map_s < self.min_interval_s:
+            self._deferred = snapshot
+            self.deferred_offers += 1
+            return False
+        self._deferred, self._last_map_s = None, now
+        self.publish_map(*snapshot())
+        return True
+
+    def flush(self) -> None:
+        """Publish the newest offered map if the rate limit held it back."""
+        if self._deferred is not None:
+            snapshot, self._deferred = self._deferred, None
+            self._last_map_s = time.monotonic()
+            self.publish_map(*snapshot())
+
     def set_cameras(self, extrinsics: Any, intrinsics: Any, names: Sequence[str], active: Sequence[bool],
                     image_hw: tuple[int, int] | None = None) -> None:
         """Show camera frusta (cam-from-world ``[S, 3, 4]``, pixel ``[S, 3, 3]``); active ones in green.
@@ -155,6 +189,7 @@ class LiveViewer:
 
     def stats(self) -> dict[str, Any]:
         return {"published": self.mailbox.put_count, "dropped": self.mailbox.dropped,
+                "deferred_offers": self.deferred_offers, "max_rate_hz": 1 / self.min_interval_s if self.min_interval_s else None,
                 "served_updates": self.served_updates, "served_points": self.served_points,
                 "served_cameras": self.served_cameras, "error": None if self._error is None else repr(self._error)}
 
@@ -188,7 +223,8 @@ class LiveViewer:
             logger.exception("live viewer stopped updating")
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """True once every published update has been sent to the server."""
+        """True once every published update, and the newest offered map, has been sent to the server."""
+        self.flush()
         return self.mailbox.wait_idle(timeout)
 
     def close(self) -> None:
