@@ -41,7 +41,8 @@ def add_compile_arguments(group: argparse._ActionsContainer) -> None:
     """The PyTorch engine's compile flags (trt_inference.py, pcd_inference.py)."""
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="regional torch.compile of the PyTorch model (kernels built on the first call, "
-                            "about 90 s for the 1B model; a --compile-cache makes later processes start faster)")
+                            "about 33 s for the 1B model on an H200; a --compile-cache artifact makes later "
+                            "processes start in seconds)")
     group.add_argument("--compile-cache", type=Path,
                        help="compile-cache artifact (.torchcache): loaded when it exists and matches this run "
                             "(shape, precision, torch, GPU), written after the first call when it does not")
