@@ -1,0 +1,136 @@
+"""A run's outputs published as one set: produced in a staging folder inside the output folder, moved into place
+only when the whole run succeeded.
+
+A run *owns* some names in its output folder (the conversion: the files of its stem; ``pcd_inference.py``: its
+output files and folders). When it succeeds, every owned name comes from this run: what it produced replaces
+what was there, and owned names it did not produce are moved aside into ``.replaced-<label>-<UTC time>/`` in
+the same folder (renames, no copies; delete that folder when you do not need it) and listed in the report.
+When it fails (an exception, a failed check, Ctrl-C), the staging folder is deleted and the folder is as the
+previous run left it. Names the run does not own (shared caches, other stems) are never touched.
+
+Publication is a handful of renames on one file system: build reports and other ``.json`` files go last, so
+a report never names a file that is not in place yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".staging-"
+REPLACED_PREFIX = ".replaced-"
+
+
+@dataclass
+class Publication:
+    """What :meth:`StagedRun.publish` did: names moved into place, names moved aside and where to."""
+
+    published: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    replaced_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"published": self.published, "moved_aside": self.replaced,
+                "moved_aside_to": None if self.replaced_dir is None else str(self.replaced_dir)}
+
+
+def rewrite_paths(obj: Any, old: str, new: str) -> Any:
+    """``obj`` (JSON-like) with every string that starts with the folder ``old`` starting with ``new`` instead."""
+    if isinstance(obj, dict):
+        return {k: rewrite_paths(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rewrite_paths(v, old, new) for v in obj]
+    if isinstance(obj, str) and (obj == old or obj.startswith(old + os.sep)):
+        return new + obj[len(old):]
+    return obj
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+class StagedRun:
+    """Context manager: ``staging`` is a fresh folder inside ``out_dir``; it is removed on exit whatever happens.
+
+    ``owns(name)`` says which top-level names of ``out_dir`` belong to the run; ``keep`` are owned names the run
+    uses as inputs without producing them (they stay where they are).
+    """
+
+    def __init__(self, out_dir: Path, label: str, owns: Callable[[str], bool], keep: Iterable[str] = ()):
+        self.out_dir = Path(out_dir)
+        self.label = label
+        self.owns = owns
+        self.keep = set(keep)
+        self.staging = self.out_dir / f"{STAGING_PREFIX}{label}-{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> StagedRun:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.staging.exists():
+            if exc[0] is not None:
+                logger.info("run did not complete: %s left unchanged (its partial outputs are deleted)",
+                            self.out_dir)
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def final_path(self, staged: str | os.PathLike) -> Path:
+        """Where a path inside the staging folder ends up after publication."""
+        return Path(rewrite_paths(str(staged), str(self.staging), str(self.out_dir)))
+
+    def stale_names(self) -> list[str]:
+        produced = {p.name for p in self.staging.iterdir()}
+        return sorted(p.name for p in self.out_dir.iterdir()
+                      if self.owns(p.name) and p.name not in produced and p.name not in self.keep)
+
+    def publish(self, before_move: Callable[[Publication], None] | None = None) -> Publication:
+        """Move the stale owned names aside, then every staged entry into ``out_dir`` (``.json`` last).
+
+        ``before_move`` sees the planned publication first (e.g. to add the moved-aside list to reports that
+        are still in the staging folder).
+        """
+        staged = sorted(self.staging.iterdir(), key=lambda p: (p.suffix == ".json", p.name))
+        result = Publication(published=[p.name for p in staged], replaced=self.stale_names())
+        if result.replaced:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            result.replaced_dir = self.out_dir / f"{REPLACED_PREFIX}{self.label}-{stamp}-{uuid.uuid4().hex[:4]}"
+        if before_move is not None:
+            before_move(result)
+        if result.replaced_dir is not None:
+            result.replaced_dir.mkdir()
+            for name in result.replaced:
+                os.replace(self.out_dir / name, result.replaced_dir / name)
+            logger.warning("moved %d file(s) of an earlier run that this run did not produce into %s: %s",
+                           len(result.replaced), result.replaced_dir, ", ".join(result.replaced))
+        for entry in staged:
+            self._move_into_place(entry)
+        logger.info("published %d new file(s) into %s: %s", len(result.published), self.out_dir,
+                    ", ".join(result.published))
+        return result
+
+    def _move_into_place(self, entry: Path) -> None:
+        """Rename ``entry`` onto its final name; a folder (or a file of the other kind) in the way is renamed to a
+        hidden name first and deleted once the new entry is in place (a folder cannot replace a non-empty one)."""
+        target = self.out_dir / entry.name
+        in_way = (target.exists() or target.is_symlink()) and (entry.is_dir() or target.is_dir())
+        old = self.out_dir / f"{STAGING_PREFIX}{self.label}-old-{uuid.uuid4().hex[:8]}"
+        if in_way:
+            os.replace(target, old)
+        os.replace(entry, target)
+        if in_way:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
