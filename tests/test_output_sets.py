@@ -1,0 +1,134 @@
+"""A conversion owns its stem in the output folder: a finished run leaves only files it produced (or used as
+input), a failed or interrupted run leaves the previous set unchanged (tiny preset, 28x28, no engine builds)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import vggt_to_trt
+from vggt_trt.pipelines import convert as convert_pipeline
+from vggt_trt.staging import StagedRun
+
+TINY28 = ["--model-name", "tiny", "--random-init", "--num-cams", "2", "--height", "28", "--width", "28"]
+STEM = "vggt-2x3x28x28"
+# names that share the folder but are not the stem's: never touched by a conversion
+BYSTANDERS = {"trt_timing.cache": b"timing", "calibration-int8-0123456789abcdef.onnx": b"calib",
+              f"{STEM}-pcd.onnx": b"other stem", f"{STEM}_bf16.torchcache": b"torch engine", "notes.txt": b"mine"}
+# files of the stem left by an imagined earlier run that this run does not produce
+STALE = {f"{STEM}_fp16.engine": b"engine of the old graphs", f"{STEM}_int8.onnx": b"old int8 graph",
+         f"{STEM}_int8.json": b"{}"}
+
+
+def run(args: list[str], logs: Path) -> int:
+    return vggt_to_trt.main(args + ["--log-dir", str(logs)])
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Name -> content hash of every file under ``folder`` (logs excluded)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and "logs" not in p.parts}
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """An fp16 --skip-build export into a folder holding stale files of the stem and bystanders."""
+    out = tmp_path_factory.mktemp("owned")
+    for name, data in {**BYSTANDERS, **STALE}.items():
+        (out / name).write_bytes(data)
+    assert run(["--export", *TINY28, "--precision", "fp16", "--skip-build", "--output-dir", str(out)],
+               out / "logs") == 0
+    return out
+
+
+def test_finished_run_moves_aside_files_of_its_stem_it_did_not_produce(converted):
+    produced = {f"{STEM}.onnx", f"{STEM}.NOSEQ.onnx", f"{STEM}.simp.onnx", f"{STEM}_fp16.onnx", f"{STEM}_fp16.json"}
+    files = {p.name for p in converted.iterdir() if p.is_file()}
+    assert files == produced | set(BYSTANDERS)
+    for name, data in BYSTANDERS.items():
+        assert (converted / name).read_bytes() == data
+    aside = [p for p in converted.iterdir() if p.name.startswith(f".replaced-{STEM}-")]
+    assert len(aside) == 1 and hidden(converted) == [aside[0].name], hidden(converted)
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == STALE
+    report = json.loads((converted / f"{STEM}_fp16.json").read_text())
+    assert report["output_folder"]["moved_aside"] == sorted(STALE)
+    assert report["output_folder"]["moved_aside_to"] == str(aside[0])
+    assert sorted(report["output_folder"]["published"]) == sorted(produced)
+    assert report["onnx"]["path"] == str(converted / f"{STEM}_fp16.onnx"), "report names the final path"
+    assert ".staging-" not in json.dumps(report)
+
+
+def test_onnx_in_of_the_folders_own_graph_adds_a_precision_and_keeps_the_others(converted, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(converted, out, ignore=shutil.ignore_patterns(".replaced-*", "logs"))
+    before = snapshot(out)
+    assert run(["--onnx-in", str(out / f"{STEM}.onnx"), "--precision", "bf16", "--no-verify", "--skip-build",
+                "--output-dir", str(out)], tmp_path / "logs") == 0
+    after = snapshot(out)
+    assert set(after) == set(before) | {f"{STEM}_bf16.onnx", f"{STEM}_bf16.json"}
+    for name in (f"{STEM}.onnx", f"{STEM}_fp16.onnx", f"{STEM}_fp16.json", *BYSTANDERS):
+        assert after[name] == before[name], name
+    assert hidden(out) == []
+    report = json.loads((out / f"{STEM}_bf16.json").read_text())
+    assert report["output_folder"]["moved_aside"] == []
+
+
+def test_onnx_in_from_elsewhere_owns_the_whole_stem(converted, tmp_path):
+    out = tmp_path / "fresh"
+    shutil.copytree(converted, out, ignore=shutil.ignore_patterns(".replaced-*", "logs"))
+    source = tmp_path / "source" / "graph.onnx"
+    source.parent.mkdir()
+    shutil.copy(converted / f"{STEM}.onnx", source)
+    assert run(["--onnx-in", str(source), "--precision", "fp32", "--skip-build", "--output-dir", str(out)],
+               tmp_path / "logs") == 0
+    report = json.loads((out / f"{STEM}_fp32.json").read_text())
+    moved = [f"{STEM}.onnx", f"{STEM}_fp16.json", f"{STEM}_fp16.onnx"]
+    assert report["output_folder"]["moved_aside"] == moved
+    assert not any((out / name).exists() for name in moved)
+    assert all((Path(report["output_folder"]["moved_aside_to"]) / name).is_file() for name in moved)
+
+
+@pytest.mark.parametrize("failure,code", [("accuracy", 1), ("ctrl-c", 130), ("graph error", 1)])
+def test_failed_rerun_leaves_the_previous_set_unchanged(converted, tmp_path, monkeypatch, failure, code):
+    out = tmp_path / "kept"
+    shutil.copytree(converted, out, ignore=shutil.ignore_patterns(".replaced-*", "logs"))
+    before = snapshot(out)
+    if failure == "accuracy":  # the cast graph fails its check: it must not appear under its final name
+        monkeypatch.setitem(convert_pipeline.CAST_TOLERANCE, "fp16", 0.0)
+        args = ["--export", *TINY28, "--seed", "1", "--precision", "fp16", "--skip-build"]
+    else:
+        def stop(*_args, **_kwargs):
+            raise KeyboardInterrupt if failure == "ctrl-c" else convert_pipeline.GraphError("checker failed")
+        monkeypatch.setattr(convert_pipeline, "stage_check", stop)
+        args = ["--onnx-in", str(converted / f"{STEM}.onnx"), "--precision", "fp32", "--skip-build"]
+    assert run([*args, "--output-dir", str(out)], tmp_path / "logs") == code
+    assert snapshot(out) == before
+    assert hidden(out) == [], "staging folder left behind"
+
+
+def test_staged_run_replaces_folders_and_keeps_inputs(tmp_path):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "gone.png").write_bytes(b"old view")
+    (out / "summary.json").write_text("{}")
+    (out / "input.txt").write_text("kept")
+    owned = {"images", "summary.json", "input.txt", "points.ply"}
+    with StagedRun(out, "pcd", owns=owned.__contains__, keep=["input.txt"]) as staged:
+        (staged.staging / "images").mkdir()
+        (staged.staging / "images" / "new.png").write_bytes(b"new view")
+        (staged.staging / "points.ply").write_bytes(b"ply")
+        publication = staged.publish()
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["new.png"]
+    assert (out / "input.txt").read_text() == "kept" and (out / "points.ply").read_bytes() == b"ply"
+    assert publication.replaced == ["summary.json"]
+    assert (publication.replaced_dir / "summary.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["images", "input.txt", "points.ply", publication.replaced_dir.name])
