@@ -3,16 +3,20 @@ input), a failed or interrupted run leaves the previous set unchanged (tiny pres
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import vggt_to_trt
 from vggt_trt.pipelines import convert as convert_pipeline
 from vggt_trt.staging import StagedRun
+
+from helpers import load_script
 
 TINY28 = ["--model-name", "tiny", "--random-init", "--num-cams", "2", "--height", "28", "--width", "28"]
 STEM = "vggt-2x3x28x28"
@@ -132,3 +136,80 @@ def test_staged_run_replaces_folders_and_keeps_inputs(tmp_path):
     assert (publication.replaced_dir / "summary.json").read_text() == "{}"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["images", "input.txt", "points.ply", publication.replaced_dir.name])
+
+
+# ------------------------------------------------------------------------------------------ pcd_inference.py
+PCD = load_script("pcd_inference.py", "pcd_inference_output_sets")
+
+
+def scene_folder(root: Path, cams: int = 3) -> Path:
+    """``cam00<i>/000000.png`` per camera: random textures, enough for the tiny model."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for c in range(cams):
+        (root / f"cam{c:03d}").mkdir(parents=True)
+        Image.fromarray((rng.random((42, 56, 3)) * 255).astype("uint8")).save(root / f"cam{c:03d}" / "000000.png")
+    return root
+
+
+def pcd(scene: Path, out: Path, views: str) -> int:
+    return PCD.main(["--source", "images", "--images", str(scene), "--views", views, "--torch", "--model-name", "tiny",
+                     "--out_dir", str(out)])
+
+
+@pytest.fixture(scope="module")
+def pcd_folder(tmp_path_factory) -> tuple[Path, Path]:
+    """A 3-view reconstruction written over an older folder with a view and live outputs this run does not make."""
+    root = tmp_path_factory.mktemp("pcd")
+    scene, out = scene_folder(root / "scene"), root / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "cam999.png").write_bytes(b"a view of another model")
+    (out / "map.ply").write_bytes(b"live map of another run")
+    (out / "per_camera_calib.json").write_text("{}")  # an input of the next live run: stays
+    (out / "notes.txt").write_text("mine")
+    assert pcd(scene, out, "cam000,cam001,cam002") == 0
+    return scene, out
+
+
+def test_pcd_run_owns_its_outputs(pcd_folder):
+    _, out = pcd_folder
+    names = [f"cam{c:03d}.png" for c in range(3)]
+    assert sorted(p.name for p in (out / "images").iterdir()) == names
+    assert (out / "notes.txt").read_text() == "mine" and (out / "per_camera_calib.json").read_text() == "{}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["output_folder"]["moved_aside"] == ["map.ply"]
+    assert (Path(summary["output_folder"]["moved_aside_to"]) / "map.ply").read_bytes() == b"live map of another run"
+    assert summary["files"]["ply"] == str(out / "points.ply") and (out / "points.ply").is_file()
+    assert [p for p in hidden(out) if not p.startswith(".replaced-pcd-")] == []
+
+
+def test_pcd_rerun_with_fewer_views_keeps_no_old_view(pcd_folder, tmp_path):
+    scene, kept = pcd_folder
+    out = tmp_path / "out"
+    shutil.copytree(kept, out, ignore=shutil.ignore_patterns(".replaced-*"))
+    assert pcd(scene, out, "cam000,cam002") == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["cam000.png", "cam002.png"]
+    images_txt = (out / "sparse" / "0" / "images.txt").read_text()
+    assert "cam001.png" not in images_txt and "cam002.png" in images_txt
+    assert hidden(out) == []
+
+
+@pytest.mark.parametrize("failure,code", [("disk full", 2), ("ctrl-c", 130)])
+def test_failed_pcd_run_leaves_the_previous_outputs_unchanged(pcd_folder, tmp_path, monkeypatch, failure, code):
+    from vggt_trt.recon import pointcloud
+
+    scene, kept = pcd_folder
+    out = tmp_path / "out"
+    shutil.copytree(kept, out, ignore=shutil.ignore_patterns(".replaced-*"))
+    before = snapshot(out)
+
+    def fail(*_args, **_kwargs):  # after points.ply and cameras.json are written
+        if failure == "ctrl-c":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "sparse" / "0" / "points3D.txt"))
+
+    monkeypatch.setattr(pointcloud, "write_colmap_text", fail)
+    assert pcd(scene, out, "cam000,cam001") == code
+    assert snapshot(out) == before
+    assert hidden(out) == []

@@ -73,8 +73,10 @@ class StagedRun:
         self.owns = owns
         self.keep = set(keep)
         self.staging = self.out_dir / f"{STAGING_PREFIX}{label}-{uuid.uuid4().hex[:8]}"
+        self.created = False
 
     def __enter__(self) -> StagedRun:
+        self.created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir()
         return self
@@ -85,6 +87,8 @@ class StagedRun:
                 logger.info("run did not complete: %s left unchanged (its partial outputs are deleted)",
                             self.out_dir)
             shutil.rmtree(self.staging, ignore_errors=True)
+        if exc[0] is not None and self.created and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()  # a failed first run leaves no empty folder behind
 
     def final_path(self, staged: str | os.PathLike) -> Path:
         """Where a path inside the staging folder ends up after publication."""
@@ -99,7 +103,7 @@ class StagedRun:
         """Move the stale owned names aside, then every staged entry into ``out_dir`` (``.json`` last).
 
         ``before_move`` sees the planned publication first (e.g. to add the moved-aside list to reports that
-        are still in the staging folder).
+        are still in the staging folder); it may rewrite staged files, not add new names.
         """
         staged = sorted(self.staging.iterdir(), key=lambda p: (p.suffix == ".json", p.name))
         result = Publication(published=[p.name for p in staged], replaced=self.stale_names())
@@ -114,7 +118,7 @@ class StagedRun:
                 os.replace(self.out_dir / name, result.replaced_dir / name)
             logger.warning("moved %d file(s) of an earlier run that this run did not produce into %s: %s",
                            len(result.replaced), result.replaced_dir, ", ".join(result.replaced))
-        for entry in staged:
+        for entry in sorted(self.staging.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
             self._move_into_place(entry)
         logger.info("published %d new file(s) into %s: %s", len(result.published), self.out_dir,
                     ", ".join(result.published))
