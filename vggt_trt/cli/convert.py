@@ -12,7 +12,8 @@ from ..pipelines.convert import (DEFAULT_NUM_CAMS, DEFAULT_SIZE, ConvertOptions,
 from ..pipelines.torch_engine import TorchEngineOptions, build_torch_engine
 from ..precisions import PRECISIONS
 from ..quant.modes import QUANT_MODES
-from .common import ArgumentParser, run_cli
+from .common import (IMAGE_SIDE, NON_NEGATIVE_INT, OPSET, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser,
+                     reject_together, run_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,32 +24,33 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-dir", type=Path, default=Path("onnx_exports"), help="artifacts (default: onnx_exports)")
     io.add_argument("--log-dir", type=Path, default=Path("logs"), help="run logs (default: logs)")
     geo = p.add_argument_group("model geometry")
-    geo.add_argument("--num-cams", type=int,
+    geo.add_argument("--num-cams", type=POSITIVE_INT,
                      help="views per forward (default 8; with --onnx-in the graph's, and a different value is "
                           "refused); with --min-cams/--max-cams the optimum of the range")
-    geo.add_argument("--min-cams", type=int,
+    geo.add_argument("--min-cams", type=POSITIVE_INT,
                      help="with --max-cams: one graph and engine for any view count in min..max (a dynamic view "
                           "axis and a TensorRT optimisation profile; stem vggt-<min>to<max>x3xHxW)")
-    geo.add_argument("--max-cams", type=int, help="largest view count of a dynamic view axis (see --min-cams)")
-    geo.add_argument("--height", type=int,
+    geo.add_argument("--max-cams", type=POSITIVE_INT, help="largest view count of a dynamic view axis (see --min-cams)")
+    geo.add_argument("--height", type=IMAGE_SIDE,
                      help="input height, multiple of 14 (default 518; with --onnx-in the graph's)")
-    geo.add_argument("--width", type=int, help="input width, multiple of 14 (default 518; with --onnx-in the graph's)")
+    geo.add_argument("--width", type=IMAGE_SIDE,
+                     help="input width, multiple of 14 (default 518; with --onnx-in the graph's)")
     geo.add_argument("--pcd-only", action="store_true", help="only camera + depth heads (point clouds)")
     geo.add_argument("--model-name", default="facebook/VGGT-1B", help="preset (tiny, vggt-1b), hub id or local dir")
     geo.add_argument("--weights", type=Path, help="local checkpoint (model.safetensors / model.pt)")
     geo.add_argument("--random-init", action="store_true", help="seeded random weights, no download")
-    geo.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    geo.add_argument("--opset", type=int, default=18)
+    geo.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed for --random-init")
+    geo.add_argument("--opset", type=OPSET, default=18)
     prec = p.add_argument_group("precision")
-    prec.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    prec.add_argument("--precision", choices=PRECISIONS, help="the one precision to build (default fp16)")
     prec.add_argument("--all-precisions", action="store_true", help="fp16, bf16, fp8, int8, int4 from one export")
     prec.add_argument("--quant-mode", default="none", choices=QUANT_MODES, help="quantisation applied before export")
     prec.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="check cast/quantised graphs against fp32 on CPU (default: when the graph is small)")
     build = p.add_argument_group("TensorRT build")
-    build.add_argument("--workspace-gb", type=float, default=32)
+    build.add_argument("--workspace-gb", type=POSITIVE_FLOAT, default=32)
     build.add_argument("--opt-level", type=int, default=5, choices=range(0, 6))
-    build.add_argument("--max-aux-streams", type=int, default=4)
+    build.add_argument("--max-aux-streams", type=NON_NEGATIVE_INT, default=4)
     build.add_argument("--no-simplify", action="store_true", help="skip ONNX simplification")
     build.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx", "torch"),
                        help="TensorRT flavour (auto: tensorrt when importable, else tensorrt-rtx), or torch: a "
@@ -59,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--skip-build", action="store_true", help="stop after the final ONNX graph")
     cal = p.add_argument_group("calibration (int8 / fp8 / int4)")
     cal.add_argument("--calib-data", help="image dir, glob, .npy or .npz (default: synthetic, with a warning)")
-    cal.add_argument("--calib-batches", type=int, default=32)
-    cal.add_argument("--calib-seed", type=int, default=1337)
+    cal.add_argument("--calib-batches", type=POSITIVE_INT, default=32)
+    cal.add_argument("--calib-seed", type=NON_NEGATIVE_INT, default=1337)
     cal.add_argument("--calib-cpu", action="store_true", help="keep calibration batches on the host")
     cal.add_argument("--int8-calibrator", action="store_true",
                      help="TensorRT 10 only: classic IInt8EntropyCalibrator2 with calibration cache instead of Q/DQ")
@@ -85,8 +87,26 @@ def build_torch(args: argparse.Namespace) -> int:
     return 0
 
 
+CONTRADICTIONS = (
+    ("--all-precisions", "--precision", "--all-precisions builds fp16, bf16, fp8, int8 and int4; --precision one"),
+    ("--weights", "--random-init", "--random-init replaces the checkpoint with seeded random weights"),
+    ("--onnx-in", "--weights", "the graph holds its weights already (--weights is for --export)"),
+    ("--onnx-in", "--random-init", "the graph holds its weights already (--random-init is for --export)"),
+    ("--onnx-in", "--pcd-only", "the graph's outputs decide (export with --pcd-only to get a pcd-only graph)"),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with contradictory combinations refused (one line, exit 2) and defaults filled in."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reject_together(args, parser, *CONTRADICTIONS)
+    args.precision = args.precision or "fp16"
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
 
     def job() -> int:
         if args.backend == "torch":

@@ -265,6 +265,12 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
     extr_np, intr_np = _np(extr).astype(np.float64), _np(intr).astype(np.float64)
     n_total, n_kept = int(np.prod(depth.shape)), int(xyz.shape[0])
     timer.lap("filter")
+    if n_kept == 0:
+        low, high = float(_np(conf).min()), float(_np(conf).max())
+        raise InputError(f"no point is left after the filters (confidence {low:.4g} .. {high:.4g}, "
+                         f"--conf-threshold {opts.conf_threshold}, --conf-percentile {opts.conf_percentile}, "
+                         f"--mask-black-bg {opts.mask_black_bg}, --mask-white-bg {opts.mask_white_bg}); nothing "
+                         "was written")
     alignment = None
     if centers is not None:
         pred = geo.camera_centers(extr_np)
