@@ -213,3 +213,16 @@ def test_failed_pcd_run_leaves_the_previous_outputs_unchanged(pcd_folder, tmp_pa
     assert pcd(scene, out, "cam000,cam001") == code
     assert snapshot(out) == before
     assert hidden(out) == []
+
+
+def test_filters_that_keep_no_point_fail_and_leave_the_outputs(pcd_folder, tmp_path, capsys):
+    scene, kept = pcd_folder
+    out = tmp_path / "out"
+    shutil.copytree(kept, out, ignore=shutil.ignore_patterns(".replaced-*"))
+    before = snapshot(out)
+    code = PCD.main(["--source", "images", "--images", str(scene), "--views", "cam000,cam001", "--torch",
+                     "--model-name", "tiny", "--out_dir", str(out), "--conf-threshold", "1e30"])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "no point is left after the filters" in errors[0], errors
+    assert snapshot(out) == before and hidden(out) == []
