@@ -226,3 +226,13 @@ def test_filters_that_keep_no_point_fail_and_leave_the_outputs(pcd_folder, tmp_p
     errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "no point is left after the filters" in errors[0], errors
     assert snapshot(out) == before and hidden(out) == []
+
+
+def test_engines_dir_skips_moved_aside_and_staged_engines(tmp_path):
+    from vggt_trt.cli.infer import engine_files
+
+    for name in ("none/a_fp16.engine", "none/.replaced-a-1/a_fp16.engine", "none/.staging-a-1/a_fp32.engine",
+                 "none/.a_fp16.engine.1234.tmp.engine", "int8/b_int8.engine"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert engine_files(tmp_path) == [tmp_path / "int8/b_int8.engine", tmp_path / "none/a_fp16.engine"]

@@ -152,13 +152,20 @@ def engine_facts(engine: Path, root: Path) -> dict[str, str]:
     return {"quant_mode": quant_mode, "precision": m.group(1) if m else "?"}
 
 
+def engine_files(root: Path) -> list[Path]:
+    """The ``*.engine`` files under ``root``, without hidden names or anything in a hidden folder (temporary files,
+    a conversion's staging folder, the ``.replaced-*`` folders of files moved aside)."""
+    return sorted(p for p in root.rglob("*.engine")
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def sweep_engines(root: str | os.PathLike, warmup: int = 3, iters: int = 10, trt_backend: str = "auto",
                   seed: int = 0) -> list[dict[str, Any]]:
     """Benchmark every ``*.engine`` under ``root`` on random input; an engine that cannot run says why."""
     root_p = Path(root)
     if not root_p.is_dir():
         raise InputError(f"--engines-dir: not a folder: {root_p}")
-    engines = sorted(p for p in root_p.rglob("*.engine") if not p.name.startswith("."))
+    engines = engine_files(root_p)
     if not engines:
         raise InputError(f"no .engine files under {root_p}")
     rows = []
