@@ -236,3 +236,55 @@ def test_engines_dir_skips_moved_aside_and_staged_engines(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert engine_files(tmp_path) == [tmp_path / "int8/b_int8.engine", tmp_path / "none/a_fp16.engine"]
+
+
+def test_staging_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # a process id that is no longer running
+    dead.wait()
+    out = tmp_path / "out"
+    folders = {"killed": f"{socket.gethostname()} {dead.pid}", "running": f"{socket.gethostname()} {os.getpid()}",
+               "other-host": f"elsewhere.example {dead.pid}", "no-owner": None}
+    for name, owner in folders.items():
+        (out / f".staging-x-{name}").mkdir(parents=True)
+        (out / f".staging-x-{name}" / "x.onnx").write_bytes(b"partial")
+        if owner is not None:
+            (out / f".staging-x-{name}" / ".owner").write_text(owner)
+    with StagedRun(out, "x", owns=lambda name: name.startswith("x.")) as staged:
+        (staged.staging / "x.onnx").write_bytes(b"complete")
+        assert staged.publish().published == ["x.onnx"], "the owner file is not published"
+    assert sorted(hidden(out)) == [".staging-x-no-owner", ".staging-x-other-host", ".staging-x-running"]
+    assert (out / "x.onnx").read_bytes() == b"complete"
+
+
+def test_several_precisions_are_published_together_or_not_at_all(converted, tmp_path, monkeypatch):
+    """fp16 and bf16 in one run (the API; the CLI's --all-precisions): bf16 fails, so fp16 is not published."""
+    from vggt_trt.errors import AccuracyError
+    from vggt_trt.pipelines.convert import ConvertOptions, convert
+
+    out = tmp_path / "both"
+    shutil.copytree(converted, out, ignore=shutil.ignore_patterns(".replaced-*", "logs"))
+    before = snapshot(out)
+    cast = convert_pipeline.stage_cast
+
+    def cast_or_fail(src, dst, precision, *args, **kwargs):
+        if precision == "bf16":
+            raise AccuracyError(f"{dst.name}: rel L2 over the bound")
+        return cast(src, dst, precision, *args, **kwargs)
+
+    monkeypatch.setattr(convert_pipeline, "stage_cast", cast_or_fail)
+    source = tmp_path / "graph.onnx"
+    shutil.copy(converted / f"{STEM}.onnx", source)
+    opts = ConvertOptions(output_dir=out, onnx_in=source, precisions=("fp16", "bf16"), skip_build=True,
+                          verify=False)
+    with pytest.raises(AccuracyError):
+        convert(opts)
+    assert snapshot(out) == before and hidden(out) == []
+    monkeypatch.setattr(convert_pipeline, "stage_cast", cast)
+    reports = convert(opts)
+    assert [r["precision"] for r in reports] == ["fp16", "bf16"]
+    assert {f"{STEM}_fp16.onnx", f"{STEM}_bf16.onnx", f"{STEM}_bf16.json"} <= set(snapshot(out))
+    assert all(r["output_folder"] == reports[0]["output_folder"] for r in reports)

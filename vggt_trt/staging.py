@@ -9,7 +9,8 @@ When it fails (an exception, a failed check, Ctrl-C), the staging folder is dele
 previous run left it. Names the run does not own (shared caches, other stems) are never touched.
 
 Publication is a handful of renames on one file system: build reports and other ``.json`` files go last, so
-a report never names a file that is not in place yet.
+a report never names a file that is not in place yet. A run killed outright (SIGKILL, out of memory) cannot
+clean up: its staging folder records its host and process id, and the next run into the folder deletes it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 REPLACED_PREFIX = ".replaced-"
+OWNER_FILE = ".owner"  # "<host> <pid>" of the run a staging folder belongs to; hidden names are never published
 
 
 @dataclass
@@ -60,6 +63,34 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def owner_tag() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def abandoned(staging: Path) -> bool:
+    """True for a staging folder of a run on this machine whose process is gone (killed: SIGKILL, out of memory).
+    A folder of another machine, a live process or without an owner file is not judged abandoned."""
+    try:
+        host, pid = (staging / OWNER_FILE).read_text().split()
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # no or unreadable owner file, or a process of another user: leave it
+        return False
+    return False
+
+
+def remove_abandoned(out_dir: Path) -> list[Path]:
+    """Delete the staging folders in ``out_dir`` left by killed runs (they can hold gigabytes of graphs)."""
+    removed = [p for p in sorted(out_dir.glob(f"{STAGING_PREFIX}*")) if p.is_dir() and abandoned(p)]
+    for folder in removed:
+        logger.warning("removing %s: the staging folder of a run that was killed before it finished", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
 class StagedRun:
     """Context manager: ``staging`` is a fresh folder inside ``out_dir``; it is removed on exit whatever happens.
 
@@ -78,7 +109,9 @@ class StagedRun:
     def __enter__(self) -> StagedRun:
         self.created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(self.out_dir)
         self.staging.mkdir()
+        (self.staging / OWNER_FILE).write_text(owner_tag())
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -94,8 +127,13 @@ class StagedRun:
         """Where a path inside the staging folder ends up after publication."""
         return Path(rewrite_paths(str(staged), str(self.staging), str(self.out_dir)))
 
+    def staged(self) -> list[Path]:
+        """The entries to publish: everything in the staging folder but hidden names, ``.json`` last."""
+        return sorted((p for p in self.staging.iterdir() if not p.name.startswith(".")),
+                      key=lambda p: (p.suffix == ".json", p.name))
+
     def stale_names(self) -> list[str]:
-        produced = {p.name for p in self.staging.iterdir()}
+        produced = {p.name for p in self.staged()}
         return sorted(p.name for p in self.out_dir.iterdir()
                       if self.owns(p.name) and p.name not in produced and p.name not in self.keep)
 
@@ -105,8 +143,7 @@ class StagedRun:
         ``before_move`` sees the planned publication first (e.g. to add the moved-aside list to reports that
         are still in the staging folder); it may rewrite staged files, not add new names.
         """
-        staged = sorted(self.staging.iterdir(), key=lambda p: (p.suffix == ".json", p.name))
-        result = Publication(published=[p.name for p in staged], replaced=self.stale_names())
+        result = Publication(published=[p.name for p in self.staged()], replaced=self.stale_names())
         if result.replaced:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             result.replaced_dir = self.out_dir / f"{REPLACED_PREFIX}{self.label}-{stamp}-{uuid.uuid4().hex[:4]}"
@@ -118,7 +155,7 @@ class StagedRun:
                 os.replace(self.out_dir / name, result.replaced_dir / name)
             logger.warning("moved %d file(s) of an earlier run that this run did not produce into %s: %s",
                            len(result.replaced), result.replaced_dir, ", ".join(result.replaced))
-        for entry in sorted(self.staging.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
+        for entry in self.staged():
             self._move_into_place(entry)
         logger.info("published %d new file(s) into %s: %s", len(result.published), self.out_dir,
                     ", ".join(result.published))

@@ -37,11 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def job() -> int:
-        from ..errors import InputError
         from ..view.server import serve_until_interrupted
 
-        if args.max_points < 1:
-            raise InputError(f"--max-points must be >= 1, found {args.max_points}")
         serve_until_interrupted(args.out_dir, args.host, args.port, args.max_points)
         return 0
 
