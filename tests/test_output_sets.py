@@ -288,3 +288,21 @@ def test_several_precisions_are_published_together_or_not_at_all(converted, tmp_
     assert [r["precision"] for r in reports] == ["fp16", "bf16"]
     assert {f"{STEM}_fp16.onnx", f"{STEM}_bf16.onnx", f"{STEM}_bf16.json"} <= set(snapshot(out))
     assert all(r["output_folder"] == reports[0]["output_folder"] for r in reports)
+
+
+def test_ctrl_c_while_publishing_is_held_until_the_set_is_in_place(tmp_path):
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "old.png").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with StagedRun(out, "pcd", owns={"images", "points.ply", "summary.json"}.__contains__) as staged:
+            (staged.staging / "images").mkdir()
+            (staged.staging / "images" / "new.png").write_bytes(b"new")
+            (staged.staging / "points.ply").write_bytes(b"ply")
+            (staged.staging / "summary.json").write_text("{}")
+            staged.publish(lambda publication: os.kill(os.getpid(), signal.SIGINT))
+    assert sorted(p.name for p in out.iterdir()) == ["images", "points.ply", "summary.json"]
+    assert [p.name for p in (out / "images").iterdir()] == ["new.png"]

@@ -15,15 +15,18 @@ clean up: its staging folder records its host and process id, and the next run i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,25 @@ def same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def interrupts_held(what: str) -> Iterator[None]:
+    """Hold Ctrl-C over a short block that must not stop half-way (publishing a set of files), then raise it.
+    Only in the main thread over Python's own SIGINT handler; elsewhere the block runs as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        logger.warning("Ctrl-C held until %s was complete", what)
+        raise KeyboardInterrupt
 
 
 def owner_tag() -> str:
@@ -138,11 +160,16 @@ class StagedRun:
                       if self.owns(p.name) and p.name not in produced and p.name not in self.keep)
 
     def publish(self, before_move: Callable[[Publication], None] | None = None) -> Publication:
-        """Move the stale owned names aside, then every staged entry into ``out_dir`` (``.json`` last).
+        """Move the stale owned names aside, then every staged entry into ``out_dir`` (``.json`` last); a Ctrl-C
+        meanwhile is raised once the whole set is in place.
 
         ``before_move`` sees the planned publication first (e.g. to add the moved-aside list to reports that
         are still in the staging folder); it may rewrite staged files, not add new names.
         """
+        with interrupts_held(f"the outputs in {self.out_dir} were published"):
+            return self._publish(before_move)
+
+    def _publish(self, before_move: Callable[[Publication], None] | None) -> Publication:
         result = Publication(published=[p.name for p in self.staged()], replaced=self.stale_names())
         if result.replaced:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -162,16 +189,9 @@ class StagedRun:
         return result
 
     def _move_into_place(self, entry: Path) -> None:
-        """Rename ``entry`` onto its final name; a folder (or a file of the other kind) in the way is renamed to a
-        hidden name first and deleted once the new entry is in place (a folder cannot replace a non-empty one)."""
+        """Rename ``entry`` onto its final name; a folder (or a file of the other kind) in the way goes into the
+        staging folder under a hidden name first (a folder cannot replace a non-empty one) and is deleted with it."""
         target = self.out_dir / entry.name
-        in_way = (target.exists() or target.is_symlink()) and (entry.is_dir() or target.is_dir())
-        old = self.out_dir / f"{STAGING_PREFIX}{self.label}-old-{uuid.uuid4().hex[:8]}"
-        if in_way:
-            os.replace(target, old)
+        if (target.exists() or target.is_symlink()) and (entry.is_dir() or target.is_dir()):
+            os.replace(target, self.staging / f".replaced-{entry.name}")
         os.replace(entry, target)
-        if in_way:
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
