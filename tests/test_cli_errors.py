@@ -209,6 +209,8 @@ BAD_FLAGS = [
     ("convert", ["--export", "--calib-batches", "0"], "argument --calib-batches: must be an integer >= 1, not 0"),
     ("convert", ["--export", "--calib-seed", "-1"], "argument --calib-seed: must be an integer >= 0"),
     ("convert", ["--export", "--opt-level", "9"], "argument --opt-level: invalid choice: 9"),
+    ("convert", ["--export", "--precision", "fp16,int3"], "argument --precision: invalid choice: 'int3'"),
+    ("convert", ["--backend", "torch", "--precision", "bf16,fp16"], "--backend torch compiles one precision per run"),
     ("convert", ["--export", "--all-precisions", "--precision", "int8"],
      "--all-precisions and --precision exclude each other"),
     ("convert", ["--export", "--weights", "w.safetensors", "--random-init"],

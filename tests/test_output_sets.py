@@ -70,19 +70,20 @@ def test_finished_run_moves_aside_files_of_its_stem_it_did_not_produce(converted
     assert ".staging-" not in json.dumps(report)
 
 
-def test_onnx_in_of_the_folders_own_graph_adds_a_precision_and_keeps_the_others(converted, tmp_path):
+def test_onnx_in_of_the_folders_own_graph_adds_precisions_and_keeps_the_others(converted, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(converted, out, ignore=shutil.ignore_patterns(".replaced-*", "logs"))
     before = snapshot(out)
-    assert run(["--onnx-in", str(out / f"{STEM}.onnx"), "--precision", "bf16", "--no-verify", "--skip-build",
+    assert run(["--onnx-in", str(out / f"{STEM}.onnx"), "--precision", "bf16,fp32", "--no-verify", "--skip-build",
                 "--output-dir", str(out)], tmp_path / "logs") == 0
     after = snapshot(out)
-    assert set(after) == set(before) | {f"{STEM}_bf16.onnx", f"{STEM}_bf16.json"}
+    assert set(after) == set(before) | {f"{STEM}_bf16.onnx", f"{STEM}_bf16.json", f"{STEM}_fp32.json"}
     for name in (f"{STEM}.onnx", f"{STEM}_fp16.onnx", f"{STEM}_fp16.json", *BYSTANDERS):
         assert after[name] == before[name], name
     assert hidden(out) == []
-    report = json.loads((out / f"{STEM}_bf16.json").read_text())
-    assert report["output_folder"]["moved_aside"] == []
+    reports = [json.loads((out / f"{STEM}_{p}.json").read_text()) for p in ("bf16", "fp32")]
+    assert all(r["output_folder"]["moved_aside"] == [] for r in reports)
+    assert reports[0]["output_folder"] == reports[1]["output_folder"], "one publication for both precisions"
 
 
 def test_onnx_in_from_elsewhere_owns_the_whole_stem(converted, tmp_path):

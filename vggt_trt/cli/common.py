@@ -78,6 +78,22 @@ IMAGE_SIDE = number_in(int, 14, what="a side in pixels >= 14 (a multiple of 14)"
 OPSET = number_in(int, 18, what="an ONNX opset >= 18 (the dynamo exporter's)")
 
 
+def choice_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """A ``type=`` for a comma-separated list of ``choices`` (``fp16,bf16``): a tuple in the order given, without
+    repeats; an unknown or empty entry is argparse's one-line error."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [n.strip() for n in text.split(",")]
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"invalid choice: {', '.join(repr(n) for n in bad)} (choose from "
+                                             f"{', '.join(choices)}; several: comma-separated)")
+        return tuple(dict.fromkeys(names))
+
+    parse.__name__ = "comma-separated list"
+    return parse
+
+
 def reject_together(args: argparse.Namespace, parser: argparse.ArgumentParser,
                     *pairs: tuple[str, str, str]) -> None:
     """Contradictory flags, one line and exit 2 before any work: ``(flag_a, flag_b, why)`` where both given."""

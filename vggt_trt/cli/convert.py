@@ -7,13 +7,12 @@ import logging
 from pathlib import Path
 
 from ..errors import InputError
-from ..pipelines.convert import (DEFAULT_NUM_CAMS, DEFAULT_SIZE, ConvertOptions, convert, or_default,
-                                 parse_precisions)
+from ..pipelines.convert import DEFAULT_NUM_CAMS, DEFAULT_SIZE, ConvertOptions, convert, or_default
 from ..pipelines.torch_engine import TorchEngineOptions, build_torch_engine
-from ..precisions import PRECISIONS
+from ..precisions import ALL_PRECISIONS, PRECISIONS
 from ..quant.modes import QUANT_MODES
 from .common import (IMAGE_SIDE, NON_NEGATIVE_INT, OPSET, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser,
-                     reject_together, run_cli)
+                     choice_list, reject_together, run_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     geo.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed for --random-init")
     geo.add_argument("--opset", type=OPSET, default=18)
     prec = p.add_argument_group("precision")
-    prec.add_argument("--precision", choices=PRECISIONS, help="the one precision to build (default fp16)")
+    prec.add_argument("--precision", type=choice_list(PRECISIONS), metavar="P[,P...]",
+                      help=f"precisions to build from one export, comma-separated ({', '.join(PRECISIONS)}; default "
+                           "fp16); published together when all of them succeed")
     prec.add_argument("--all-precisions", action="store_true", help="fp16, bf16, fp8, int8, int4 from one export")
     prec.add_argument("--quant-mode", default="none", choices=QUANT_MODES, help="quantisation applied before export")
     prec.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
@@ -82,13 +83,14 @@ def build_torch(args: argparse.Namespace) -> int:
         output_dir=args.output_dir, num_cams=or_default(args.num_cams, DEFAULT_NUM_CAMS),
         height=or_default(args.height, DEFAULT_SIZE), width=or_default(args.width, DEFAULT_SIZE),
         pcd_only=args.pcd_only, model_name=args.model_name, weights=args.weights, random_init=args.random_init,
-        seed=args.seed, precision=args.precision, device=args.device))
+        seed=args.seed, precision=args.precision[0], device=args.device))
     logging.getLogger("vggt_to_trt").info("%s %s: %s", report["stem"], report["precision"], report["path"])
     return 0
 
 
 CONTRADICTIONS = (
-    ("--all-precisions", "--precision", "--all-precisions builds fp16, bf16, fp8, int8 and int4; --precision one"),
+    ("--all-precisions", "--precision", "--all-precisions builds fp16, bf16, fp8, int8 and int4; --precision names "
+                                        "the precisions to build"),
     ("--weights", "--random-init", "--random-init replaces the checkpoint with seeded random weights"),
     ("--onnx-in", "--weights", "the graph holds its weights already (--weights is for --export)"),
     ("--onnx-in", "--random-init", "the graph holds its weights already (--random-init is for --export)"),
@@ -101,7 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     reject_together(args, parser, *CONTRADICTIONS)
-    args.precision = args.precision or "fp16"
+    if args.backend == "torch" and args.precision and len(args.precision) > 1:
+        parser.error(f"--backend torch compiles one precision per run, not --precision {','.join(args.precision)}")
+    args.precision = args.precision or ("fp16",)
     return args
 
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             min_cams=args.min_cams, max_cams=args.max_cams,
             height=args.height, width=args.width, pcd_only=args.pcd_only, model_name=args.model_name,
             weights=args.weights, random_init=args.random_init, seed=args.seed, opset=args.opset,
-            precisions=parse_precisions(args.precision, args.all_precisions), quant_mode=args.quant_mode,
+            precisions=ALL_PRECISIONS if args.all_precisions else args.precision, quant_mode=args.quant_mode,
             workspace_gb=args.workspace_gb, opt_level=args.opt_level, max_aux_streams=args.max_aux_streams,
             no_simplify=args.no_simplify, backend=args.backend, skip_build=args.skip_build,
             compute_capabilities=tuple(args.compute_capabilities), calib_data=args.calib_data,

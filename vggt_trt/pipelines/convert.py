@@ -38,7 +38,7 @@ from ..graph.views import check_view_axis, read_view_range, write_view_range
 from ..logs import quiet_third_party
 from ..model.vggt import VGGT
 from ..model.weights import build_model, config_for_model_name
-from ..precisions import ALL_PRECISIONS, CAST_PRECISIONS, PRECISIONS, QDQ_PRECISIONS
+from ..precisions import CAST_PRECISIONS, PRECISIONS, QDQ_PRECISIONS
 from ..quant.calib import CalibrationSet, calibration_set
 from ..quant.modes import ACTIVATION_QUANT_MODES, apply_quant_mode, finalize_quant_mode_graph
 from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
@@ -606,7 +606,3 @@ def _legacy_flags_path(backend: str, precision: str) -> bool:
     except MissingDependencyError:
         return False
     return bool(info.has_precision_flags)
-
-
-def parse_precisions(precision: str, all_precisions: bool) -> tuple[str, ...]:
-    return ALL_PRECISIONS if all_precisions else (precision,)
