@@ -142,9 +142,6 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    given = [n for n, v in (("--vggt-engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
-    if len(given) > 1:
-        raise InputError(f"give one model: {' and '.join(given)} both given")
     if args.scenes and args.source != "images":
         raise InputError("--scenes reconstructs folders of images (--source images), not videos or webcams")
     if args.viewer:
@@ -200,11 +197,8 @@ def pcd_options(args: argparse.Namespace, images: Path, out_dir: Path) -> PcdOpt
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """``--scenes``: every matching folder into --out-dir/<name>; exit 1 when any scene failed."""
-    if args.images is not None:
-        raise InputError("give --images (one scene) or --scenes (many), not both")
-    if args.viewer:
-        raise InputError("--viewer serves one result; open a scene's folder with vggt-view after a --scenes run")
+    """``--scenes``: every matching folder into --out-dir/<name>; exit 1 when any scene failed (the flags were
+    checked by :func:`parse_args`)."""
     scenes = find_scenes(args.scenes)
     summary = run_scenes(pcd_options(args, scenes[0], args.out_dir), scenes, args.out_dir, workers=args.workers,
                          ray_address=args.ray_address, ray_kwargs=ray_kwargs(args))
