@@ -215,8 +215,6 @@ BAD_FLAGS = [
      "--all-precisions and --precision exclude each other"),
     ("convert", ["--export", "--weights", "w.safetensors", "--random-init"],
      "--weights and --random-init exclude each other"),
-    ("convert", ["--onnx-in", "g.onnx", "--pcd-only"], "--onnx-in and --pcd-only exclude each other"),
-    ("convert", ["--onnx-in", "g.onnx", "--random-init"], "--onnx-in and --random-init exclude each other"),
     # trt_inference.py
     ("infer", [*ONE_MODEL, "--benchmark", "--iters", "-3"], "argument --iters: must be an integer >= 1, not -3"),
     ("infer", [*ONE_MODEL, "--benchmark", "--iters", "0"], "argument --iters: must be an integer >= 1, not 0"),

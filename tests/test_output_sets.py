@@ -307,3 +307,14 @@ def test_ctrl_c_while_publishing_is_held_until_the_set_is_in_place(tmp_path):
             staged.publish(lambda publication: os.kill(os.getpid(), signal.SIGINT))
     assert sorted(p.name for p in out.iterdir()) == ["images", "points.ply", "summary.json"]
     assert [p.name for p in (out / "images").iterdir()] == ["new.png"]
+
+
+def test_pcd_only_that_contradicts_the_onnx_in_graph_is_refused_before_any_work(converted, tmp_path, caplog):
+    out = tmp_path / "kept"
+    shutil.copytree(converted, out, ignore=shutil.ignore_patterns(".replaced-*", "logs"))
+    before = snapshot(out)
+    assert run(["--onnx-in", str(out / f"{STEM}.onnx"), "--pcd-only", "--precision", "fp32", "--skip-build",
+                "--output-dir", str(out)], tmp_path / "logs") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "has the point head" in errors[0] and "--pcd-only" in errors[0], errors
+    assert snapshot(out) == before and hidden(out) == []

@@ -92,10 +92,9 @@ CONTRADICTIONS = (
     ("--all-precisions", "--precision", "--all-precisions builds fp16, bf16, fp8, int8 and int4; --precision names "
                                         "the precisions to build"),
     ("--weights", "--random-init", "--random-init replaces the checkpoint with seeded random weights"),
-    ("--onnx-in", "--weights", "the graph holds its weights already (--weights is for --export)"),
-    ("--onnx-in", "--random-init", "the graph holds its weights already (--random-init is for --export)"),
-    ("--onnx-in", "--pcd-only", "the graph's outputs decide (export with --pcd-only to get a pcd-only graph)"),
 )
+# export flags with --onnx-in describe the graph (run_all_exports.sh passes the same flags to its --onnx-in runs):
+# --pcd-only is checked against the graph, like --num-cams/--height/--width (pipelines/convert.py)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -115,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         if args.backend == "torch":
             return build_torch(args)
+        if args.onnx_in is not None and (args.weights is not None or args.random_init):
+            logging.getLogger("vggt_to_trt").info("--weights/--random-init are not used with --onnx-in: the graph "
+                                                  "holds its weights")
         opts = ConvertOptions(
             output_dir=args.output_dir, export=args.export, onnx_in=args.onnx_in, num_cams=args.num_cams,
             min_cams=args.min_cams, max_cams=args.max_cams,

@@ -202,6 +202,7 @@ def spec_from_onnx(path: Path, opts: ConvertOptions | None = None) -> ExportSpec
             f"outputs {sorted(outputs)}"
         )
     common = dict(pcd_only="world_points" not in outputs, input_name=inputs[0]["name"])
+    check_pcd_flag(path, opts, common["pcd_only"])
     flags = opts is not None and opts.min_cams is not None
     if isinstance(shape[0], int):
         if flags:
@@ -229,6 +230,13 @@ def check_shape_flags(path: Path, opts: ConvertOptions | None, views: int | None
     if wrong:
         raise InputError(f"--onnx-in: {path} is {views if views is not None else 'N'}x3x{height}x{width}: "
                          f"{'; '.join(wrong)} (drop the flag, or export a graph of that shape)")
+
+
+def check_pcd_flag(path: Path, opts: ConvertOptions | None, pcd_only: bool) -> None:
+    """Refuse --pcd-only for an --onnx-in graph that has the point head (its outputs decide what it is)."""
+    if opts is not None and opts.pcd_only and not pcd_only:
+        raise InputError(f"--onnx-in: {path} has the point head (world_points outputs) but --pcd-only was given: drop "
+                         "it, or export a pcd-only graph (vggt_to_trt.py --export --pcd-only)")
 
 
 def keep_view_axis(path: Path, spec: ExportSpec, stage: str) -> None:
