@@ -1,5 +1,6 @@
-"""A conversion owns its stem in the output folder: a finished run leaves only files it produced (or used as
-input), a failed or interrupted run leaves the previous set unchanged (tiny preset, 28x28, no engine builds)."""
+"""A run owns its outputs (vggt_trt/staging.py): a finished conversion leaves only files of its stem that it
+produced (or used as input), a finished pcd_inference.py run only its own outputs; a failed or interrupted run
+leaves the previous set unchanged (tiny preset, 28x28 graphs, no engine builds)."""
 
 from __future__ import annotations
 
