@@ -143,6 +143,9 @@ def test_real_tiny_sweep(tmp_path: Path) -> None:
         assert (base / f"vggt-2x3x28x28-pcd_{prec}.engine").is_file(), prec
     report = json.loads((base / "vggt-2x3x28x28-pcd_fp16.json").read_text())
     assert report["precision"] == "fp16" and report["quant_mode"] == "none"
+    # fp32 continues the mode's set from its own export (--onnx-in): the other precisions stay, nothing moved aside
+    fp32 = json.loads((base / "vggt-2x3x28x28-pcd_fp32.json").read_text())
+    assert fp32["output_folder"]["moved_aside"] == [] and not list(base.glob(".*")), sorted(base.iterdir())
     assert res.returncode == 2, summary
     assert "STOPPED at the first failing configuration: no-such-mode / all-precisions" in out
     assert "invalid choice: 'no-such-mode'" in (tmp_path / "sweep/no-such-mode/logs/all-precisions.log").read_text()

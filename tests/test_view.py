@@ -156,7 +156,9 @@ def test_cli_rejects_bad_folders_and_budgets(tmp_path: Path) -> None:
     add_viewer_address(other, "viewer-")  # what pcd_inference.py --viewer will use
     assert vars(other.parse_args(["--viewer-port", "9000"])) == {"viewer_host": "127.0.0.1", "viewer_port": 9000}
     assert main([str(tmp_path / "nowhere"), "--port", "0"]) == 2
-    assert main([str(make_output_folder(tmp_path / "out")), "--max-points", "0"]) == 2
+    with pytest.raises(SystemExit) as stop:  # a flag out of range: argparse's one line, before any work
+        main([str(make_output_folder(tmp_path / "out")), "--max-points", "0"])
+    assert stop.value.code == 2
 
 
 def test_cli_serves_the_folder_on_localhost_until_ctrl_c(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from ..errors import InputError, MissingDependencyError, VggtTrtError
 from ..logs import setup_logging
@@ -30,11 +30,82 @@ def hyphenate_flags(argv: Sequence[str]) -> list[str]:
 
 class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose long flags are declared with hyphens (``--num-cams``) and also accept the
-    original toolkit's underscore spellings (``--num_cams``), which ``--help`` does not list."""
+    original toolkit's underscore spellings (``--num_cams``), which ``--help`` does not list.
+
+    A flag error is one line on stderr and exit code 2, like every other bad input (no usage block)."""
 
     def parse_known_args(self, args: Sequence[str] | None = None,
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
         return super().parse_known_args(hyphenate_flags(sys.argv[1:] if args is None else args), namespace)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# --------------------------------------------------------------------- numeric flags: argparse ``type=`` checks
+def number_in(kind: Callable[[str], Any], low: float | None = None, high: float | None = None, *,
+              low_open: bool = False, high_open: bool = False, what: str = "") -> Callable[[str], Any]:
+    """A ``type=`` for argparse: ``kind`` (int or float) within [low, high] (``low_open``/``high_open``: that end
+    excluded). A value outside is ``argument --flag: must be ..., not X``: one line, exit 2, before any work."""
+    noun = "an integer" if kind is int else "a number"
+    bounds = [f"> {low:g}" if low_open else f">= {low:g}"] if low is not None else []
+    bounds += [f"< {high:g}" if high_open else f"<= {high:g}"] if high is not None else []
+    rule = what or f"{noun}{' ' + ' and '.join(bounds) if bounds else ''}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above or value != value:  # NaN is never in range
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
+        return value
+
+    parse.__name__ = rule  # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = number_in(int, 1)  # counts: views, iterations, batches, workers
+NON_NEGATIVE_INT = number_in(int, 0)  # seeds, indices, warm-up runs, "0 = all / off"
+POSITIVE_FLOAT = number_in(float, 0, low_open=True)  # sizes, timeouts, memory
+NON_NEGATIVE_FLOAT = number_in(float, 0)  # thresholds
+PERCENTILE = number_in(float, 0, 100, high_open=True, what="a percentage in [0, 100) (100 would drop every point)")
+FRACTION = number_in(float, 0, 1, low_open=True, what="a fraction in (0, 1]")
+PORT = number_in(int, 0, 65535, what="a TCP port in 0..65535 (0: any free port)")
+IMAGE_SIDE = number_in(int, 14, what="a side in pixels >= 14 (a multiple of 14)")
+OPSET = number_in(int, 18, what="an ONNX opset >= 18 (the dynamo exporter's)")
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """A ``type=`` for a comma-separated list of ``choices`` (``fp16,bf16``): a tuple in the order given, without
+    repeats; an unknown or empty entry is argparse's one-line error."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [n.strip() for n in text.split(",")]
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"invalid choice: {', '.join(repr(n) for n in bad)} (choose from "
+                                             f"{', '.join(choices)}; several: comma-separated)")
+        return tuple(dict.fromkeys(names))
+
+    parse.__name__ = "comma-separated list"
+    return parse
+
+
+def reject_together(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    *pairs: tuple[str, str, str]) -> None:
+    """Contradictory flags, one line and exit 2 before any work: ``(flag_a, flag_b, why)`` where both given."""
+    for a, b, why in pairs:
+        if given(args, a) and given(args, b):
+            parser.error(f"{a} and {b} exclude each other: {why}")
+
+
+def given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether ``flag`` (``--num-cams``) has a value other than None/False/empty on ``args``."""
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    return value is not None and value is not False and value != [] and value != ""
 
 
 def add_compile_arguments(group: argparse._ActionsContainer) -> None:
@@ -49,12 +120,15 @@ def add_compile_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                        help="capture the PyTorch forward in one CUDA graph per input shape and replay it "
                             "(CUDA only; removes per-kernel launch cost; inputs are copied into a fixed buffer)")
-    group.add_argument("--frames-chunk-size", type=int, default=8,
+    group.add_argument("--frames-chunk-size", type=POSITIVE_INT, default=8,
                        help="frames per dense-head pass (default 8, as the official code; bounds memory at many views)")
 
 
 def env_default(name: str, default: str = "", kind: Callable[[str], Any] = str) -> Any:
-    """A flag's default from the environment variable ``name`` (empty or unset: ``default``; None if that is empty)."""
+    """A flag's default from the environment variable ``name`` (empty or unset: ``default``; None if that is empty).
+
+    Numeric flags leave ``kind`` as str: argparse then converts the text with the flag's ``type=`` and a value
+    out of range is the same one-line error as on the command line."""
     value = os.environ.get(name, "")
     return kind(value) if value != "" else (kind(default) if default != "" else None)
 
@@ -65,11 +139,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=env_default("RAY_ADDRESS"),
                    help="[RAY_ADDRESS] local (start an instance here), auto (the one on this machine) or host:port; "
                         "unset: no Ray")
-    g.add_argument("--ray-num-cpus", type=int, default=env_default("RAY_NUM_CPUS", kind=int),
+    g.add_argument("--ray-num-cpus", type=POSITIVE_INT, default=env_default("RAY_NUM_CPUS"),
                    help="[RAY_NUM_CPUS] CPUs a local instance declares (default: all)")
-    g.add_argument("--ray-num-gpus", type=int, default=env_default("RAY_NUM_GPUS", kind=int),
+    g.add_argument("--ray-num-gpus", type=NON_NEGATIVE_INT, default=env_default("RAY_NUM_GPUS"),
                    help="[RAY_NUM_GPUS] GPUs a local instance declares (default: those it finds)")
-    g.add_argument("--ray-object-store-mb", type=int, default=env_default("RAY_OBJECT_STORE_MB", kind=int),
+    g.add_argument("--ray-object-store-mb", type=POSITIVE_INT, default=env_default("RAY_OBJECT_STORE_MB"),
                    help="[RAY_OBJECT_STORE_MB] object store of a local instance (only small objects pass; 100 is "
                         "plenty)")
 

@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 
 from ..errors import InputError
-from ..pipelines.convert import (DEFAULT_NUM_CAMS, DEFAULT_SIZE, ConvertOptions, convert, or_default,
-                                 parse_precisions)
+from ..pipelines.convert import DEFAULT_NUM_CAMS, DEFAULT_SIZE, ConvertOptions, convert, or_default
 from ..pipelines.torch_engine import TorchEngineOptions, build_torch_engine
-from ..precisions import PRECISIONS
+from ..precisions import ALL_PRECISIONS, PRECISIONS
 from ..quant.modes import QUANT_MODES
-from .common import ArgumentParser, run_cli
+from .common import (IMAGE_SIDE, NON_NEGATIVE_INT, OPSET, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser,
+                     choice_list, reject_together, run_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,32 +23,35 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--output-dir", type=Path, default=Path("onnx_exports"), help="artifacts (default: onnx_exports)")
     io.add_argument("--log-dir", type=Path, default=Path("logs"), help="run logs (default: logs)")
     geo = p.add_argument_group("model geometry")
-    geo.add_argument("--num-cams", type=int,
+    geo.add_argument("--num-cams", type=POSITIVE_INT,
                      help="views per forward (default 8; with --onnx-in the graph's, and a different value is "
                           "refused); with --min-cams/--max-cams the optimum of the range")
-    geo.add_argument("--min-cams", type=int,
+    geo.add_argument("--min-cams", type=POSITIVE_INT,
                      help="with --max-cams: one graph and engine for any view count in min..max (a dynamic view "
                           "axis and a TensorRT optimisation profile; stem vggt-<min>to<max>x3xHxW)")
-    geo.add_argument("--max-cams", type=int, help="largest view count of a dynamic view axis (see --min-cams)")
-    geo.add_argument("--height", type=int,
+    geo.add_argument("--max-cams", type=POSITIVE_INT, help="largest view count of a dynamic view axis (see --min-cams)")
+    geo.add_argument("--height", type=IMAGE_SIDE,
                      help="input height, multiple of 14 (default 518; with --onnx-in the graph's)")
-    geo.add_argument("--width", type=int, help="input width, multiple of 14 (default 518; with --onnx-in the graph's)")
+    geo.add_argument("--width", type=IMAGE_SIDE,
+                     help="input width, multiple of 14 (default 518; with --onnx-in the graph's)")
     geo.add_argument("--pcd-only", action="store_true", help="only camera + depth heads (point clouds)")
     geo.add_argument("--model-name", default="facebook/VGGT-1B", help="preset (tiny, vggt-1b), hub id or local dir")
     geo.add_argument("--weights", type=Path, help="local checkpoint (model.safetensors / model.pt)")
     geo.add_argument("--random-init", action="store_true", help="seeded random weights, no download")
-    geo.add_argument("--seed", type=int, default=0, help="seed for --random-init")
-    geo.add_argument("--opset", type=int, default=18)
+    geo.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed for --random-init")
+    geo.add_argument("--opset", type=OPSET, default=18)
     prec = p.add_argument_group("precision")
-    prec.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    prec.add_argument("--precision", type=choice_list(PRECISIONS), metavar="P[,P...]",
+                      help=f"precisions to build from one export, comma-separated ({', '.join(PRECISIONS)}; default "
+                           "fp16); published together when all of them succeed")
     prec.add_argument("--all-precisions", action="store_true", help="fp16, bf16, fp8, int8, int4 from one export")
     prec.add_argument("--quant-mode", default="none", choices=QUANT_MODES, help="quantisation applied before export")
     prec.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                       help="check cast/quantised graphs against fp32 on CPU (default: when the graph is small)")
     build = p.add_argument_group("TensorRT build")
-    build.add_argument("--workspace-gb", type=float, default=32)
+    build.add_argument("--workspace-gb", type=POSITIVE_FLOAT, default=32)
     build.add_argument("--opt-level", type=int, default=5, choices=range(0, 6))
-    build.add_argument("--max-aux-streams", type=int, default=4)
+    build.add_argument("--max-aux-streams", type=NON_NEGATIVE_INT, default=4)
     build.add_argument("--no-simplify", action="store_true", help="skip ONNX simplification")
     build.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx", "torch"),
                        help="TensorRT flavour (auto: tensorrt when importable, else tensorrt-rtx), or torch: a "
@@ -59,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--skip-build", action="store_true", help="stop after the final ONNX graph")
     cal = p.add_argument_group("calibration (int8 / fp8 / int4)")
     cal.add_argument("--calib-data", help="image dir, glob, .npy or .npz (default: synthetic, with a warning)")
-    cal.add_argument("--calib-batches", type=int, default=32)
-    cal.add_argument("--calib-seed", type=int, default=1337)
+    cal.add_argument("--calib-batches", type=POSITIVE_INT, default=32)
+    cal.add_argument("--calib-seed", type=NON_NEGATIVE_INT, default=1337)
     cal.add_argument("--calib-cpu", action="store_true", help="keep calibration batches on the host")
     cal.add_argument("--int8-calibrator", action="store_true",
                      help="TensorRT 10 only: classic IInt8EntropyCalibrator2 with calibration cache instead of Q/DQ")
@@ -80,23 +83,46 @@ def build_torch(args: argparse.Namespace) -> int:
         output_dir=args.output_dir, num_cams=or_default(args.num_cams, DEFAULT_NUM_CAMS),
         height=or_default(args.height, DEFAULT_SIZE), width=or_default(args.width, DEFAULT_SIZE),
         pcd_only=args.pcd_only, model_name=args.model_name, weights=args.weights, random_init=args.random_init,
-        seed=args.seed, precision=args.precision, device=args.device))
+        seed=args.seed, precision=args.precision[0], device=args.device))
     logging.getLogger("vggt_to_trt").info("%s %s: %s", report["stem"], report["precision"], report["path"])
     return 0
 
 
+CONTRADICTIONS = (
+    ("--all-precisions", "--precision", "--all-precisions builds fp16, bf16, fp8, int8 and int4; --precision names "
+                                        "the precisions to build"),
+    ("--weights", "--random-init", "--random-init replaces the checkpoint with seeded random weights"),
+)
+# export flags with --onnx-in describe the graph (run_all_exports.sh passes the same flags to its --onnx-in runs):
+# --pcd-only is checked against the graph, like --num-cams/--height/--width (pipelines/convert.py)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with contradictory combinations refused (one line, exit 2) and defaults filled in."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reject_together(args, parser, *CONTRADICTIONS)
+    if args.backend == "torch" and args.precision and len(args.precision) > 1:
+        parser.error(f"--backend torch compiles one precision per run, not --precision {','.join(args.precision)}")
+    args.precision = args.precision or ("fp16",)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
 
     def job() -> int:
         if args.backend == "torch":
             return build_torch(args)
+        if args.onnx_in is not None and (args.weights is not None or args.random_init):
+            logging.getLogger("vggt_to_trt").info("--weights/--random-init are not used with --onnx-in: the graph "
+                                                  "holds its weights")
         opts = ConvertOptions(
             output_dir=args.output_dir, export=args.export, onnx_in=args.onnx_in, num_cams=args.num_cams,
             min_cams=args.min_cams, max_cams=args.max_cams,
             height=args.height, width=args.width, pcd_only=args.pcd_only, model_name=args.model_name,
             weights=args.weights, random_init=args.random_init, seed=args.seed, opset=args.opset,
-            precisions=parse_precisions(args.precision, args.all_precisions), quant_mode=args.quant_mode,
+            precisions=ALL_PRECISIONS if args.all_precisions else args.precision, quant_mode=args.quant_mode,
             workspace_gb=args.workspace_gb, opt_level=args.opt_level, max_aux_streams=args.max_aux_streams,
             no_simplify=args.no_simplify, backend=args.backend, skip_build=args.skip_build,
             compute_capabilities=tuple(args.compute_capabilities), calib_data=args.calib_data,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..pipelines.depth_anything import DEFAULT_MODEL, DEPTH_PRECISIONS, PRESETS, DepthSpec, convert_depth_anything
-from .common import ArgumentParser, run_cli
+from .common import IMAGE_SIDE, ArgumentParser, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local dir or preset ({', '.join(PRESETS)})")
     p.add_argument("--random-init", action="store_true")
     p.add_argument("--allow-download", action="store_true")
-    p.add_argument("--height", type=int, default=518)
-    p.add_argument("--width", type=int, default=518)
+    p.add_argument("--height", type=IMAGE_SIDE, default=518)
+    p.add_argument("--width", type=IMAGE_SIDE, default=518)
     p.add_argument("--precision", action="append", choices=DEPTH_PRECISIONS, help="repeatable (default fp16)")
     p.add_argument("--output-dir", type=Path, default=Path("onnx_exports/depth_anything"))
     p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))

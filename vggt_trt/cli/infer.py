@@ -24,7 +24,8 @@ from ..runtime.factory import make_runner
 from ..runtime.torch_runner import TorchRunner
 from ..runtime.trt_runner import cuda_index
 from ..views import ViewRange
-from .common import ArgumentParser, add_compile_arguments, run_cli
+from .common import (IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_INT, ArgumentParser, add_compile_arguments, given,
+                     reject_together, run_cli)
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +152,20 @@ def engine_facts(engine: Path, root: Path) -> dict[str, str]:
     return {"quant_mode": quant_mode, "precision": m.group(1) if m else "?"}
 
 
+def engine_files(root: Path) -> list[Path]:
+    """The ``*.engine`` files under ``root``, without hidden names or anything in a hidden folder (temporary files,
+    a conversion's staging folder, the ``.replaced-*`` folders of files moved aside)."""
+    return sorted(p for p in root.rglob("*.engine")
+                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def sweep_engines(root: str | os.PathLike, warmup: int = 3, iters: int = 10, trt_backend: str = "auto",
                   seed: int = 0) -> list[dict[str, Any]]:
     """Benchmark every ``*.engine`` under ``root`` on random input; an engine that cannot run says why."""
     root_p = Path(root)
     if not root_p.is_dir():
         raise InputError(f"--engines-dir: not a folder: {root_p}")
-    engines = sorted(p for p in root_p.rglob("*.engine") if not p.name.startswith("."))
+    engines = engine_files(root_p)
     if not engines:
         raise InputError(f"no .engine files under {root_p}")
     rows = []
@@ -251,14 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "to the model's input shape")
     data.add_argument("--npy", help=".npy with images [S,3,H,W] in [0,1]")
     data.add_argument("--preprocess", default="crop", choices=("crop", "pad"), help="for dynamic-shape models")
-    data.add_argument("--num-cams", type=int, help="views for dynamic-shape models (random input default: 2)")
-    data.add_argument("--size", type=int, help="square size for dynamic-shape models (default: the preset's)")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--num-cams", type=POSITIVE_INT, help="views for dynamic-shape models (random input default: 2)")
+    data.add_argument("--size", type=IMAGE_SIDE, help="square size for dynamic-shape models (default: the preset's)")
+    data.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     act = p.add_argument_group("actions")
     act.add_argument("--list-io", action="store_true", help="only list inputs and outputs")
     act.add_argument("--benchmark", action="store_true", help="time warm-up + iterations")
-    act.add_argument("--warmup", type=int, default=3)
-    act.add_argument("--iters", type=int, default=10)
+    act.add_argument("--warmup", type=NON_NEGATIVE_INT, default=3, help="untimed runs before --benchmark")
+    act.add_argument("--iters", type=POSITIVE_INT, default=10, help="timed runs of --benchmark")
     act.add_argument("--compare", help="reference backend: torch, onnx, engine (the one named by the other flag) "
                                        "or a .onnx/.engine path")
     act.add_argument("--save-outputs", help="write the outputs to this .npz")
@@ -318,7 +326,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+LIST_ONLY = "--list-io only lists inputs and outputs"
+CONTRADICTIONS = (
+    ("--images", "--npy", "give one input"),
+    ("--list-io", "--benchmark", LIST_ONLY), ("--list-io", "--compare", LIST_ONLY),
+    ("--list-io", "--save-outputs", LIST_ONLY),
+    *(("--engines-dir", flag, "--engines-dir benchmarks every engine under a folder, on random input")
+      for flag in ("--engine", "--onnx", "--torch", "--compare", "--images", "--npy", "--save-outputs")),
+)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags, with contradictory combinations refused (one line, exit 2) before any model is loaded."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reject_together(args, parser, *CONTRADICTIONS)
+    models = [flag for flag in ("--engine", "--onnx", "--torch") if given(args, flag)]
+    if len(models) > 1 and not args.compare:
+        parser.error(f"{' and '.join(models)}: give one model to run (a second one only with --compare)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return run_cli(lambda: run(args), args.log_dir, "trt_inference", args.verbose)
 

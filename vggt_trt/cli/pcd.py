@@ -12,7 +12,9 @@ from ..pipelines.pcd import PcdOptions, run_pcd
 from ..pipelines.scenes import find_scenes, run_scenes
 from ..view.live import LiveViewer
 from ..view.server import require_viser, serve_until_interrupted
-from .common import ArgumentParser, add_compile_arguments, add_ray_arguments, ray_kwargs, run_cli
+from .common import (FRACTION, IMAGE_SIDE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, PERCENTILE, POSITIVE_FLOAT,
+                     POSITIVE_INT, ArgumentParser, add_compile_arguments, add_ray_arguments, given, ray_kwargs,
+                     reject_together, run_cli)
 from .view import add_viewer_address
 
 
@@ -28,13 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="many scene folders, e.g. 'captures/*': each reconstructed into --out-dir/<scene name>/, "
                           "a summary in --out-dir/scenes.json; one worker per GPU (or --workers), or Ray with "
                           "RAY_ADDRESS (--out-dir must then be on storage every node sees)")
-    src.add_argument("--workers", type=int,
+    src.add_argument("--workers", type=POSITIVE_INT,
                      help="--scenes: workers, each keeping its model loaded (default: one per GPU, else 1)")
     src.add_argument("--views", help="comma-separated cameras, e.g. cam001,cam005,cam012")
-    src.add_argument("--random-views", type=int, help="pick this many cameras at random (--seed)")
-    src.add_argument("--num-cams", type=int, help="views per forward (default: the engine's, else 8 or all given)")
-    src.add_argument("--frame", type=int, default=0, help="frame index within each camera folder (default 0)")
-    src.add_argument("--seed", type=int, default=0)
+    src.add_argument("--random-views", type=POSITIVE_INT, help="pick this many cameras at random (--seed)")
+    src.add_argument("--num-cams", type=POSITIVE_INT,
+                     help="views per forward (default: the engine's, else 8 or all given)")
+    src.add_argument("--frame", type=NON_NEGATIVE_INT, default=0,
+                     help="frame index within each camera folder (default 0)")
+    src.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
     model = p.add_argument_group("model (one of)")
     model.add_argument("--vggt-engine", type=Path, help="TensorRT / TensorRT-RTX engine, or a compiled PyTorch "
                                                         "engine (.torchcache from vggt_to_trt.py --backend torch)")
@@ -54,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     cams.add_argument("--poses-convention", choices=("c2w", "w2c"), help="default: the file's, else c2w")
     proc = p.add_argument_group("processing")
     proc.add_argument("--preprocess", default="crop", choices=("crop", "pad"))
-    proc.add_argument("--target-size", type=int, help="official crop/pad size for --torch (default: preset's)")
-    proc.add_argument("--conf-threshold", type=float, help="keep points with confidence >= this")
-    proc.add_argument("--conf-percentile", type=float, default=50.0,
+    proc.add_argument("--target-size", type=IMAGE_SIDE, help="official crop/pad size for --torch (default: preset's)")
+    proc.add_argument("--conf-threshold", type=NON_NEGATIVE_FLOAT, help="keep points with confidence >= this")
+    proc.add_argument("--conf-percentile", type=PERCENTILE, default=50.0,
                       help="drop the lowest X %% by confidence (default 50, as the official demo; 0 keeps all)")
     proc.add_argument("--mask-black-bg", action="store_true", help="drop near-black pixels")
     proc.add_argument("--mask-white-bg", action="store_true", help="drop near-white pixels")
-    proc.add_argument("--voxel-size", type=float, help="voxel downsampling size (cloud units)")
-    proc.add_argument("--colmap-max-points", type=int, default=200_000,
+    proc.add_argument("--voxel-size", type=POSITIVE_FLOAT, help="voxel downsampling size (cloud units)")
+    proc.add_argument("--colmap-max-points", type=NON_NEGATIVE_INT, default=200_000,
                       help="points written to COLMAP points3D.txt (uniform sample; 0 = all; the PLY has all)")
     out = p.add_argument_group("output")
     out.add_argument("--out-dir", type=Path, required=True)
@@ -84,17 +88,18 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("live sources (--source videos | webcams)")
     g.add_argument("--videos", type=Path, help="one video per camera: camXX.mp4 files or per-camera sub-folders")
     g.add_argument("--webcams", nargs="+", help="device indices or name=index: 0 1 2 or front=0 back=1")
-    g.add_argument("--frame-step", type=int, default=1, help="use every N-th frame of each camera")
-    g.add_argument("--max-batches", type=int, help="stop after this many lock-step batches")
-    g.add_argument("--min-cams", type=int, help="go on while this many cameras deliver (default: all)")
-    g.add_argument("--stall-timeout", type=float, default=5.0, help="seconds to wait for a camera's frame")
-    g.add_argument("--vggt-every", type=int, default=0, help="re-run VGGT every N batches to refresh the fit")
+    g.add_argument("--frame-step", type=POSITIVE_INT, default=1, help="use every N-th frame of each camera")
+    g.add_argument("--max-batches", type=POSITIVE_INT, help="stop after this many lock-step batches")
+    g.add_argument("--min-cams", type=POSITIVE_INT, help="go on while this many cameras deliver (default: all)")
+    g.add_argument("--stall-timeout", type=POSITIVE_FLOAT, default=5.0, help="seconds to wait for a camera's frame")
+    g.add_argument("--vggt-every", type=NON_NEGATIVE_INT, default=0,
+                   help="re-run VGGT every N batches to refresh the fit")
     d = parser.add_argument_group("Depth Anything")
     d.add_argument("--depth-model", default="depth-anything/Depth-Anything-V2-Small-hf",
                    help="hub id (local cache), snapshot dir, or preset tiny / vits (random weights)")
     d.add_argument("--depth-engine-dir", type=Path, help="folder of Depth Anything engines / ONNX graphs")
     d.add_argument("--depth-backend", default="auto", choices=("auto", "engine", "onnx", "torch"))
-    d.add_argument("--depth-workers", type=int, default=1,
+    d.add_argument("--depth-workers", type=POSITIVE_INT, default=1,
                    help="Depth Anything runners sharing each batch (default 1: one batched forward, what a GPU "
                         "wants); more help with several TensorRT contexts/GPUs or per-image engines")
     d.add_argument("--depth-compile", action="store_true",
@@ -106,9 +111,9 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--per-camera-calib", type=Path, help="scale/shift + cameras JSON, reused across runs "
                                                          "(default: out_dir/per_camera_calib.json)")
     m.add_argument("--initial-map", type=Path, help="PLY to seed the map with (map frame)")
-    m.add_argument("--ema", type=float, default=0.3, help="weight of a new scale/shift fit (0..1]")
-    m.add_argument("--max-voxels", type=int, default=2_000_000, help="map size bound (oldest voxels evicted)")
-    m.add_argument("--pixel-stride", type=int, default=1, help="unproject every N-th pixel")
+    m.add_argument("--ema", type=FRACTION, default=0.3, help="weight of a new scale/shift fit (0..1]")
+    m.add_argument("--max-voxels", type=POSITIVE_INT, default=2_000_000, help="map size bound (oldest voxels evicted)")
+    m.add_argument("--pixel-stride", type=POSITIVE_INT, default=1, help="unproject every N-th pixel")
     m.add_argument("--save-batches", action=argparse.BooleanOptionalAction, default=True,
                    help="PLY per batch in out_dir/batches (default: on)")
 
@@ -137,9 +142,6 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    given = [n for n, v in (("--vggt-engine", args.vggt_engine), ("--onnx", args.onnx), ("--torch", args.torch)) if v]
-    if len(given) > 1:
-        raise InputError(f"give one model: {' and '.join(given)} both given")
     if args.scenes and args.source != "images":
         raise InputError("--scenes reconstructs folders of images (--source images), not videos or webcams")
     if args.viewer:
@@ -195,11 +197,8 @@ def pcd_options(args: argparse.Namespace, images: Path, out_dir: Path) -> PcdOpt
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """``--scenes``: every matching folder into --out-dir/<name>; exit 1 when any scene failed."""
-    if args.images is not None:
-        raise InputError("give --images (one scene) or --scenes (many), not both")
-    if args.viewer:
-        raise InputError("--viewer serves one result; open a scene's folder with vggt-view after a --scenes run")
+    """``--scenes``: every matching folder into --out-dir/<name>; exit 1 when any scene failed (the flags were
+    checked by :func:`parse_args`)."""
     scenes = find_scenes(args.scenes)
     summary = run_scenes(pcd_options(args, scenes[0], args.out_dir), scenes, args.out_dir, workers=args.workers,
                          ray_address=args.ray_address, ray_kwargs=ray_kwargs(args))
@@ -212,7 +211,25 @@ def run_batch(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 1
 
 
+CONTRADICTIONS = (
+    ("--views", "--random-views", "--views names the cameras, --random-views picks them at random"),
+    ("--images", "--scenes", "give --images (one scene) or --scenes (many)"),
+    ("--scenes", "--viewer", "--viewer serves one result; open a scene's folder with vggt-view after a --scenes run"),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with contradictory combinations refused (one line, exit 2) before any model is loaded."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reject_together(args, parser, *CONTRADICTIONS)
+    models = [flag for flag in ("--vggt-engine", "--onnx", "--torch") if given(args, flag)]
+    if len(models) > 1:
+        parser.error(f"{' and '.join(models)}: give one model")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return run_cli(lambda: run(args), args.log_dir, "pcd_inference", args.verbose)
 

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from ..pipelines.sweep import QUANT_MODES_DEFAULT, SweepOptions, run_sweep, summary_table
-from .common import ArgumentParser, add_ray_arguments, env_default, ray_kwargs, run_cli
+from .common import (IMAGE_SIDE, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser, add_ray_arguments,
+                     env_default, ray_kwargs, run_cli)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,15 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[CONVERTER] default: vggt_to_trt.py of this toolkit")
     g.add_argument("--base-output", type=Path, default=env_default("BASE_OUTPUT", "onnx_exports", Path),
                    help="[BASE_OUTPUT] default onnx_exports; under Ray a folder every node sees (shared storage)")
-    g.add_argument("--num-cams", type=int, default=env_default("NUM_CAMS", "8", int), help="[NUM_CAMS]")
-    g.add_argument("--height", type=int, default=env_default("HEIGHT", "518", int), help="[HEIGHT]")
-    g.add_argument("--width", type=int, default=env_default("WIDTH", "518", int), help="[WIDTH]")
+    g.add_argument("--num-cams", type=POSITIVE_INT, default=env_default("NUM_CAMS", "8"), help="[NUM_CAMS]")
+    g.add_argument("--height", type=IMAGE_SIDE, default=env_default("HEIGHT", "518"), help="[HEIGHT]")
+    g.add_argument("--width", type=IMAGE_SIDE, default=env_default("WIDTH", "518"), help="[WIDTH]")
     g.add_argument("--model", default=env_default("MODEL", "facebook/VGGT-1B"),
                    help="[MODEL] default facebook/VGGT-1B; tiny: the small preset with seeded random weights")
     g.add_argument("--pcd-only", action="store_true", default=env_default("PCD_ONLY", "0", flag), help="[PCD_ONLY=1]")
     g.add_argument("--calib-data", default=env_default("CALIB_DATA", "") or "", help="[CALIB_DATA]")
-    g.add_argument("--calib-batches", type=int, default=env_default("CALIB_BATCHES", "32", int), help="[CALIB_BATCHES]")
-    g.add_argument("--calib-seed", type=int, default=env_default("CALIB_SEED", "1337", int), help="[CALIB_SEED]")
+    g.add_argument("--calib-batches", type=POSITIVE_INT, default=env_default("CALIB_BATCHES", "32"),
+                   help="[CALIB_BATCHES]")
+    g.add_argument("--calib-seed", type=NON_NEGATIVE_INT, default=env_default("CALIB_SEED", "1337"),
+                   help="[CALIB_SEED]")
     g.add_argument("--calib-cpu", action="store_true", default=env_default("CALIB_CPU", "0", flag),
                    help="[CALIB_CPU=1]")
     g.add_argument("--extra-args", default=env_default("EXTRA_ARGS", "") or "",
@@ -66,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="[STRICT=1] an unavailable mode is a failure; stops at the first failure")
     r.add_argument("--fail-fast", action="store_true", default=env_default("FAIL_FAST", "0", flag),
                    help="[FAIL_FAST=1] stop at the first failing configuration (default: report it, go on)")
-    r.add_argument("--jobs", type=int, default=env_default("JOBS", "1", int),
+    r.add_argument("--jobs", type=POSITIVE_INT, default=env_default("JOBS", "1"),
                    help="[JOBS] quant modes at once as local processes (capped by memory)")
-    r.add_argument("--mem-per-job-gib", type=float, default=env_default("MEM_PER_JOB_GIB", "", float),
+    r.add_argument("--mem-per-job-gib", type=POSITIVE_FLOAT, default=env_default("MEM_PER_JOB_GIB"),
                    help="[MEM_PER_JOB_GIB] peak memory of one configuration (default 16 full-size, 1 tiny)")
-    r.add_argument("--cpus-per-job", type=float, default=env_default("CPUS_PER_JOB", "1", float),
+    r.add_argument("--cpus-per-job", type=POSITIVE_FLOAT, default=env_default("CPUS_PER_JOB", "1"),
                    help="[CPUS_PER_JOB] CPUs a Ray task asks for (default 1)")
-    r.add_argument("--gpus-per-job", type=int, choices=(0, 1), default=env_default("GPUS_PER_JOB", "", int),
+    r.add_argument("--gpus-per-job", type=int, choices=(0, 1), default=env_default("GPUS_PER_JOB"),
                    help="[GPUS_PER_JOB] 0 or 1 (default: 1 for --backend tensorrt / torch on CUDA, and for "
                         "calibration without CALIB_CPU=1 where GPUs exist)")
     add_ray_arguments(p)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import ArgumentParser, run_cli
+from .common import PORT, POSITIVE_INT, ArgumentParser, run_cli
 
 
 def add_viewer_address(parser: Any, prefix: str = "") -> None:
@@ -17,7 +17,7 @@ def add_viewer_address(parser: Any, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}host", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 serves "
                              "every interface)")
-    parser.add_argument(f"--{prefix}port", type=int, default=DEFAULT_PORT,
+    parser.add_argument(f"--{prefix}port", type=PORT, default=DEFAULT_PORT,
                         help=f"port (default {DEFAULT_PORT}; the next free one if taken; 0: any free port)")
 
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = ArgumentParser(prog="vggt-view", description=__doc__)
     p.add_argument("out_dir", type=Path, help="output folder of pcd_inference.py (points.ply, cameras.json, ...)")
-    p.add_argument("--max-points", type=int, default=DEFAULT_MAX_POINTS,
+    p.add_argument("--max-points", type=POSITIVE_INT, default=DEFAULT_MAX_POINTS,
                    help=f"most points sent to the browser, evenly spread (default {DEFAULT_MAX_POINTS:,})")
     add_viewer_address(p)
     p.add_argument("--verbose", action="store_true")
@@ -37,11 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def job() -> int:
-        from ..errors import InputError
         from ..view.server import serve_until_interrupted
 
-        if args.max_points < 1:
-            raise InputError(f"--max-points must be >= 1, found {args.max_points}")
         serve_until_interrupted(args.out_dir, args.host, args.port, args.max_points)
         return 0
 

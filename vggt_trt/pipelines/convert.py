@@ -16,7 +16,7 @@ import platform
 import resource
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,12 +38,13 @@ from ..graph.views import check_view_axis, read_view_range, write_view_range
 from ..logs import quiet_third_party
 from ..model.vggt import VGGT
 from ..model.weights import build_model, config_for_model_name
-from ..precisions import ALL_PRECISIONS, CAST_PRECISIONS, PRECISIONS, QDQ_PRECISIONS
+from ..precisions import CAST_PRECISIONS, PRECISIONS, QDQ_PRECISIONS
 from ..quant.calib import CalibrationSet, calibration_set
 from ..quant.modes import ACTIVATION_QUANT_MODES, apply_quant_mode, finalize_quant_mode_graph
 from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
 from ..quant.trt10_calibrator import make_entropy_calibrator
 from ..views import ViewRange
+from .stem_set import publish_reports, stem_run
 # modules, not names: tests (and users) swap import_tensorrt / build_engine on them
 from ..trt import backend as trt_backend
 from ..trt import build as trt_build
@@ -92,6 +93,11 @@ class ConvertOptions:
     int8_calibrator: bool = False  # TensorRT 10 only: IInt8EntropyCalibrator2 + calibration cache instead of Q/DQ
     verify: bool | None = None  # None: verify when the graph is small enough for CPU
     timings: dict[str, float] = field(default_factory=dict)
+    cache_dir: Path | None = None  # timing and calibration caches (None: output_dir); artifacts are staged elsewhere
+
+    @property
+    def caches(self) -> Path:
+        return self.output_dir if self.cache_dir is None else self.cache_dir
 
     def validate(self) -> None:
         if not self.export and self.onnx_in is None:
@@ -170,7 +176,7 @@ def _int8_calibrator(onnx_path: Path, opts: ConvertOptions) -> Any:
     trt, info = trt_backend.import_tensorrt(opts.backend)
     _require_calibrator_backend(info)
     spec = spec_from_onnx(onnx_path, opts)
-    return make_entropy_calibrator(trt, calibration(opts, spec), opts.output_dir, input_name=spec.input_name,
+    return make_entropy_calibrator(trt, calibration(opts, spec), opts.caches, input_name=spec.input_name,
                                    input_shape=spec.input_shape, graph_fingerprint=onnx_sha256(onnx_path))
 
 
@@ -196,6 +202,7 @@ def spec_from_onnx(path: Path, opts: ConvertOptions | None = None) -> ExportSpec
             f"outputs {sorted(outputs)}"
         )
     common = dict(pcd_only="world_points" not in outputs, input_name=inputs[0]["name"])
+    check_pcd_flag(path, opts, common["pcd_only"])
     flags = opts is not None and opts.min_cams is not None
     if isinstance(shape[0], int):
         if flags:
@@ -223,6 +230,13 @@ def check_shape_flags(path: Path, opts: ConvertOptions | None, views: int | None
     if wrong:
         raise InputError(f"--onnx-in: {path} is {views if views is not None else 'N'}x3x{height}x{width}: "
                          f"{'; '.join(wrong)} (drop the flag, or export a graph of that shape)")
+
+
+def check_pcd_flag(path: Path, opts: ConvertOptions | None, pcd_only: bool) -> None:
+    """Refuse --pcd-only for an --onnx-in graph that has the point head (its outputs decide what it is)."""
+    if opts is not None and opts.pcd_only and not pcd_only:
+        raise InputError(f"--onnx-in: {path} has the point head (world_points outputs) but --pcd-only was given: drop "
+                         "it, or export a pcd-only graph (vggt_to_trt.py --export --pcd-only)")
 
 
 def keep_view_axis(path: Path, spec: ExportSpec, stage: str) -> None:
@@ -369,7 +383,7 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
                    verify: bool, random_weights: bool) -> dict[str, Any]:
     """Q/DQ graph (ModelOpt ONNX PTQ) calibrated on ``--calib-data``, with its accuracy table."""
     calib = calibration(opts, spec)
-    info = quantize_onnx(src, dst, precision, calib, input_name=spec.input_name, cache_dir=opts.output_dir,
+    info = quantize_onnx(src, dst, precision, calib, input_name=spec.input_name, cache_dir=opts.caches,
                          calibration_eps=calibration_providers(opts.calib_cpu))
     report: dict[str, Any] = {"path": str(dst), "quantize": info, "qdq": qdq_summary(dst)}
     if verify:
@@ -388,7 +402,7 @@ def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: Conver
         result = trt_build.build_engine(
             onnx_path, engine_path, precision, backend=opts.backend, workspace_gb=opts.workspace_gb,
             opt_level=opts.opt_level, max_aux_streams=opts.max_aux_streams,
-            timing_cache_path=opts.output_dir / "trt_timing.cache",
+            timing_cache_path=opts.caches / "trt_timing.cache",
             compute_capabilities=list(opts.compute_capabilities) or None, calibrator=calibrator, profile=profile,
         )
     except BuildError:
@@ -469,19 +483,29 @@ def timed(timings: dict[str, float], name: str, fn: Callable[..., Any], *args: A
 
 
 def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
-    """Run the whole pipeline; returns one build report per precision (also written as JSON)."""
+    """Run the whole pipeline; returns one build report per precision (also written as JSON).
+
+    The artifacts are produced in a staging folder and published together when every stage succeeded
+    (:mod:`vggt_trt.pipelines.stem_set`: the run owns its stem in the output folder).
+    """
     opts.validate()
     preflight_build(opts)
+    spec = opts.export_spec() if opts.export else spec_from_onnx(Path(opts.onnx_in), opts)
+    with stem_run(opts.output_dir, spec.stem, opts.precisions, opts.onnx_in) as run:
+        staged = replace(opts, output_dir=run.staging, cache_dir=opts.caches)
+        return publish_reports(run, convert_staged(staged, spec))
+
+
+def convert_staged(opts: ConvertOptions, spec: ExportSpec) -> list[dict[str, Any]]:
+    """Every stage of :func:`convert`, writing into ``opts.output_dir`` as it goes."""
     out = opts.output_dir
     timings: dict[str, float] = {}
     shared: dict[str, Any] = {}
     if opts.export:
-        spec = opts.export_spec()
         raw = out / f"{spec.stem}.onnx"
         shared["export"] = timed(timings, "export", stage_export, opts, spec, raw,
                                  isolate=model_weight_bytes(opts.model_name) > ISOLATE_BYTES)
     else:
-        spec = spec_from_onnx(Path(opts.onnx_in), opts)
         raw = Path(opts.onnx_in)
         logger.info("stage export             skipped: using --onnx-in %s (%s)", raw, spec.stem)
         shared["export"] = {"skipped": f"--onnx-in {raw}"}
@@ -590,7 +614,3 @@ def _legacy_flags_path(backend: str, precision: str) -> bool:
     except MissingDependencyError:
         return False
     return bool(info.has_precision_flags)
-
-
-def parse_precisions(precision: str, all_precisions: bool) -> tuple[str, ...]:
-    return ALL_PRECISIONS if all_precisions else (precision,)

@@ -38,6 +38,7 @@ from ..runtime.base import Runner, TensorMeta, torch_device
 from ..runtime.ort_runner import OrtRunner
 from ..runtime.trt_runner import TrtRunner
 from .convert import ConvertOptions, check_writable, clean_graph, convert_precisions, timed
+from .stem_set import publish_reports, stem_run
 
 logger = logging.getLogger(__name__)
 
@@ -300,17 +301,20 @@ def convert_depth_anything(spec: DepthSpec, out_dir: str | os.PathLike = "onnx_e
                          "need VGGT-style calibration batches)")
     out = Path(out_dir)
     check_writable(out)
-    opts = ConvertOptions(output_dir=out, opset=spec.opset, precisions=tuple(precisions), backend=backend,
-                          workspace_gb=workspace_gb, compute_capabilities=tuple(compute_capabilities),
-                          no_simplify=no_simplify, skip_build=skip_build, verify=verify)
-    timings: dict[str, float] = {}
     model = build_depth_model(spec.model, random_init, seed, allow_download)
-    raw = out / f"{spec.stem}.onnx"
-    shared: dict[str, Any] = {"export": timed(timings, "export", export_depth_onnx, model, raw, spec)}
-    shared["export"]["random_weights"] = bool(random_init or spec.model in PRESETS)
-    del model
-    final, large = clean_graph(raw, spec.stem, opts, timings, shared)
-    return convert_precisions(opts, spec, final, timings, shared, large, extra={"model": "depth-anything"})
+    with stem_run(out, spec.stem, precisions, None) as run:  # the run owns its stem (pipelines/stem_set.py)
+        opts = ConvertOptions(output_dir=run.staging, cache_dir=out, opset=spec.opset, precisions=tuple(precisions),
+                              backend=backend, workspace_gb=workspace_gb,
+                              compute_capabilities=tuple(compute_capabilities), no_simplify=no_simplify,
+                              skip_build=skip_build, verify=verify)
+        timings: dict[str, float] = {}
+        raw = run.staging / f"{spec.stem}.onnx"
+        shared: dict[str, Any] = {"export": timed(timings, "export", export_depth_onnx, model, raw, spec)}
+        shared["export"]["random_weights"] = bool(random_init or spec.model in PRESETS)
+        del model
+        final, large = clean_graph(raw, spec.stem, opts, timings, shared)
+        reports = convert_precisions(opts, spec, final, timings, shared, large, extra={"model": "depth-anything"})
+        return publish_reports(run, reports)
 
 
 # --------------------------------------------------------------------------- runners and the worker pool

@@ -24,10 +24,17 @@ from ..errors import InputError, MissingDependencyError
 from ..recon import geometry as geo, pointcloud as pc, rig
 from ..recon.preprocess import load_and_preprocess_images, official_resize_hw, preprocess_to_shape, readable_images
 from ..runtime.torch_runner import TorchRunner
+from ..staging import Publication, StagedRun, rewrite_paths
 from ..views import ViewRange
 from .options import VggtModelOptions
 
 logger = logging.getLogger(__name__)
+
+
+# what a --source images run writes into --out-dir, and the live outputs that describe another reconstruction:
+# a run owns these names (per_camera_calib.json is an input of the next live run and stays)
+OWNED_OUTPUTS = frozenset({"points.ply", "cameras.json", "sparse", "depth.npz", "images", "summary.json",
+                           "map.ply", "batches"})
 
 
 @dataclass
@@ -258,6 +265,12 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
     extr_np, intr_np = _np(extr).astype(np.float64), _np(intr).astype(np.float64)
     n_total, n_kept = int(np.prod(depth.shape)), int(xyz.shape[0])
     timer.lap("filter")
+    if n_kept == 0:
+        low, high = float(_np(conf).min()), float(_np(conf).max())
+        raise InputError(f"no point is left after the filters (confidence {low:.4g} .. {high:.4g}, "
+                         f"--conf-threshold {opts.conf_threshold}, --conf-percentile {opts.conf_percentile}, "
+                         f"--mask-black-bg {opts.mask_black_bg}, --mask-white-bg {opts.mask_white_bg}); nothing "
+                         "was written")
     alignment = None
     if centers is not None:
         pred = geo.camera_centers(extr_np)
@@ -277,46 +290,58 @@ def run_pcd(opts: PcdOptions, runner: Any = None) -> dict[str, Any]:
         xyz, rgb, pconf = pc.voxel_downsample(xyz, rgb, pconf, opts.voxel_size)
         n_voxel = int(xyz.shape[0])
         timer.lap("voxel")
-    out_dir = Path(opts.out_dir)
-    image_names = [f"{n}.png" for n in names]
-    files = {"ply": pc.write_ply(out_dir / "points.ply", xyz, rgb, pconf),
-             "cameras": pc.write_cameras_json(out_dir / "cameras.json", extr_np, intr_np, image_names, hw)}
-    timer.lap("write_ply")
-    sparse = np.arange(xyz.shape[0])
-    if 0 < opts.colmap_max_points < xyz.shape[0]:
-        sparse = np.sort(np.random.default_rng(0).choice(xyz.shape[0], opts.colmap_max_points, replace=False))
-        logger.info("COLMAP points3D.txt: %d of %d points (uniform sample; --colmap_max_points 0 writes all)",
-                    sparse.size, xyz.shape[0])
-    files.update({f"colmap_{k}": v for k, v in pc.write_colmap_text(out_dir / "sparse" / "0", extr_np, intr_np,
-                                                                    image_names, hw, xyz[sparse], rgb[sparse]).items()})
-    timer.lap("write_colmap")
-    with atomic_path(out_dir / "depth.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, depth=_np(depth).astype(np.float32), depth_conf=_np(conf).astype(np.float32),
-                     extrinsic=extr_np, intrinsic=intr_np, image_names=np.asarray(names),
-                     metric_scale=np.float64(alignment["scale"] if alignment else 1.0))
-    files["depth"] = out_dir / "depth.npz"
-    if opts.save_images:
-        files["images"] = _save_images(out_dir / "images", image_names, images)
-    timer.lap("write")
-    summary = {
-        "scene": {"root": str(scene.root), "layout": scene.layout, "frame": opts.frame, "views": names,
-                  "images": [str(p) for p in paths], "skipped": skipped},
-        "model": runner.info(), "input_shape": list(images.shape),
-        "intrinsics": "file: " + str(opts.intrinsics) if known_k is not None else "predicted by VGGT",
-        "frame": alignment["frame"] if alignment else "VGGT (first camera = world, scale-normalised)",
-        "points": {"total": n_total, "after_filter": n_kept, "after_voxel": n_voxel, "written": int(xyz.shape[0])},
-        "filter": {"conf_threshold": opts.conf_threshold, "conf_percentile": opts.conf_percentile,
-                   "mask_black_bg": opts.mask_black_bg, "mask_white_bg": opts.mask_white_bg,
-                   "voxel_size": opts.voxel_size},
-        "alignment": alignment, "postprocess_device": "cuda (torch)" if cuda else "cpu (numpy)",
-        "timings_ms": {k: round(v, 3) for k, v in timer.stages.items()},
-        "files": {k: str(v) for k, v in files.items()},
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-    }
-    write_json_atomic(out_dir / "summary.json", summary)
-    logger.info("point cloud: %d of %d points kept, written to %s", summary["points"]["written"], n_total, out_dir)
+    # every output is staged and published together (vggt_trt/staging.py): a failed run leaves the folder as it
+    # was; outputs of an earlier run that this one does not write (e.g. --no-save-images) are moved aside
+    with StagedRun(Path(opts.out_dir), "pcd", owns=OWNED_OUTPUTS.__contains__) as run:
+        out_dir = run.staging
+        image_names = [f"{n}.png" for n in names]
+        files = {"ply": pc.write_ply(out_dir / "points.ply", xyz, rgb, pconf),
+                 "cameras": pc.write_cameras_json(out_dir / "cameras.json", extr_np, intr_np, image_names, hw)}
+        timer.lap("write_ply")
+        sparse = np.arange(xyz.shape[0])
+        if 0 < opts.colmap_max_points < xyz.shape[0]:
+            sparse = np.sort(np.random.default_rng(0).choice(xyz.shape[0], opts.colmap_max_points, replace=False))
+            logger.info("COLMAP points3D.txt: %d of %d points (uniform sample; --colmap_max_points 0 writes all)",
+                        sparse.size, xyz.shape[0])
+        colmap = pc.write_colmap_text(out_dir / "sparse" / "0", extr_np, intr_np, image_names, hw, xyz[sparse],
+                                      rgb[sparse])
+        files.update({f"colmap_{k}": v for k, v in colmap.items()})
+        timer.lap("write_colmap")
+        with atomic_path(out_dir / "depth.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, depth=_np(depth).astype(np.float32), depth_conf=_np(conf).astype(np.float32),
+                         extrinsic=extr_np, intrinsic=intr_np, image_names=np.asarray(names),
+                         metric_scale=np.float64(alignment["scale"] if alignment else 1.0))
+        files["depth"] = out_dir / "depth.npz"
+        if opts.save_images:
+            files["images"] = _save_images(out_dir / "images", image_names, images)
+        timer.lap("write")
+        summary = {
+            "scene": {"root": str(scene.root), "layout": scene.layout, "frame": opts.frame, "views": names,
+                      "images": [str(p) for p in paths], "skipped": skipped},
+            "model": runner.info(), "input_shape": list(images.shape),
+            "intrinsics": "file: " + str(opts.intrinsics) if known_k is not None else "predicted by VGGT",
+            "frame": alignment["frame"] if alignment else "VGGT (first camera = world, scale-normalised)",
+            "points": {"total": n_total, "after_filter": n_kept, "after_voxel": n_voxel, "written": int(xyz.shape[0])},
+            "filter": {"conf_threshold": opts.conf_threshold, "conf_percentile": opts.conf_percentile,
+                       "mask_black_bg": opts.mask_black_bg, "mask_white_bg": opts.mask_white_bg,
+                       "voxel_size": opts.voxel_size},
+            "alignment": alignment, "postprocess_device": "cuda (torch)" if cuda else "cpu (numpy)",
+            "timings_ms": {k: round(v, 3) for k, v in timer.stages.items()},
+            "files": {k: str(run.final_path(v)) for k, v in files.items()},
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+        }
+        write_json_atomic(run.staging / "summary.json", summary)
+        run.publish(lambda publication: _write_summary(run, summary, publication))
+    logger.info("point cloud: %d of %d points kept, written to %s", summary["points"]["written"], n_total,
+                opts.out_dir)
     return summary
+
+
+def _write_summary(run: StagedRun, summary: dict[str, Any], publication: Publication) -> None:
+    """summary.json in the staging folder, with what publication replaces (``output_folder``)."""
+    summary["output_folder"] = rewrite_paths(publication.to_dict(), str(run.staging), str(run.out_dir))
+    write_json_atomic(run.staging / "summary.json", summary)
 
 
 def _save_images(folder: Path, names: Sequence[str], images: np.ndarray) -> Path:
