@@ -16,6 +16,7 @@ from helpers import ReplayCapture, load_script, make_videos, replay_factory, rep
 from vggt_trt.pipelines.live import LiveOptions, VoxelMap, fit_scale_shift, run_live  # noqa: E402
 from vggt_trt.recon.frames import frames_to_model_input  # noqa: E402
 from vggt_trt.recon.pointcloud import read_ply  # noqa: E402
+from vggt_trt.errors import InputError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -294,3 +295,34 @@ def test_live_fit_call_site_recovers_scale_and_shift_from_vggt_depth() -> None:
         c = session.st.calibs[name]
         assert c.scale == pytest.approx(scale, rel=1e-9) and c.shift == pytest.approx(shift, abs=1e-9)
         assert c.updates == 1 and c.median_depth == pytest.approx(float(np.median(depth["ab".index(name)])))
+
+
+def test_a_live_run_owns_its_outputs_and_a_run_that_reads_nothing_changes_nothing(tmp_path: Path) -> None:
+    """Outputs of an earlier run (a longer live run's batches, an images run's cloud) move aside before the
+    first write; the user's files stay; a run that fails before writing leaves the folder as it was."""
+    from vggt_trt.pipelines.sources import CameraSpec
+
+    out = tmp_path / "out"
+    (out / "batches").mkdir(parents=True)
+    (out / "batches" / "batch_00099.ply").write_text("earlier")
+    (out / "points.ply").write_text("earlier")
+    (out / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    cams = [CameraSpec(f"cam{i}", i, live=False) for i in range(2)]
+    opts = LiveOptions(source="webcams", out_dir=out, model_name="tiny", depth_model="tiny", depth_random_init=True,
+                       max_batches=2, stall_timeout=1.0)
+    with pytest.raises(InputError, match="no batch was read"):
+        failing = {c.name: ReplayCapture(replay_frames(0), fail_after=0) for c in cams}
+        run_live(opts, cameras=cams, capture_factory=replay_factory(failing))
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+    caps = {c.name: ReplayCapture(replay_frames(i)) for i, c in enumerate(cams)}
+    s = run_live(opts, cameras=cams, capture_factory=replay_factory(caps))
+    assert sorted(p.name for p in (out / "batches").iterdir()) == ["batch_00000.ply", "batch_00001.ply"]
+    assert not (out / "points.ply").exists() and (out / "notes.txt").read_text() == "mine"
+    moved = s["output_folder"]
+    assert moved["moved_aside"] == ["batches", "points.ply"]
+    aside = Path(moved["moved_aside_to"])
+    assert aside.parent == out and aside.name.startswith(".replaced-live-")
+    assert (aside / "batches" / "batch_00099.ply").read_text() == "earlier"
+    assert (aside / "points.ply").read_text() == "earlier"

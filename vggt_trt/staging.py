@@ -113,6 +113,36 @@ def remove_abandoned(out_dir: Path) -> list[Path]:
     return removed
 
 
+def replaced_dir_name(out_dir: Path, label: str) -> Path:
+    """A fresh ``.replaced-<label>-<UTC time>-<id>`` path inside ``out_dir`` (not created)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return Path(out_dir) / f"{REPLACED_PREFIX}{label}-{stamp}-{uuid.uuid4().hex[:4]}"
+
+
+def move_aside(out_dir: Path, publication: Publication) -> None:
+    """Rename ``publication.replaced`` (names in ``out_dir``) into ``publication.replaced_dir``."""
+    if not publication.replaced:
+        return
+    if publication.replaced_dir is None:
+        raise ValueError("move_aside: replaced_dir is not set")
+    publication.replaced_dir.mkdir()
+    for name in publication.replaced:
+        os.replace(Path(out_dir) / name, publication.replaced_dir / name)
+    logger.warning("moved %d file(s) of an earlier run that this run did not produce into %s: %s",
+                   len(publication.replaced), publication.replaced_dir, ", ".join(publication.replaced))
+
+
+def claim_folder(out_dir: Path, label: str, owns: Callable[[str], bool], keep: Iterable[str] = ()) -> Publication:
+    """For runs that write while they run (the live loop): move the owned names of an earlier run aside now,
+    so that afterwards every owned name comes from this run. Call it just before the first write."""
+    out_dir = Path(out_dir)
+    keep = set(keep)
+    names = sorted(p.name for p in out_dir.iterdir() if owns(p.name) and p.name not in keep) if out_dir.is_dir() else []
+    result = Publication(replaced=names, replaced_dir=replaced_dir_name(out_dir, label) if names else None)
+    move_aside(out_dir, result)
+    return result
+
+
 class StagedRun:
     """Context manager: ``staging`` is a fresh folder inside ``out_dir``; it is removed on exit whatever happens.
 
@@ -172,16 +202,10 @@ class StagedRun:
     def _publish(self, before_move: Callable[[Publication], None] | None) -> Publication:
         result = Publication(published=[p.name for p in self.staged()], replaced=self.stale_names())
         if result.replaced:
-            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            result.replaced_dir = self.out_dir / f"{REPLACED_PREFIX}{self.label}-{stamp}-{uuid.uuid4().hex[:4]}"
+            result.replaced_dir = replaced_dir_name(self.out_dir, self.label)
         if before_move is not None:
             before_move(result)
-        if result.replaced_dir is not None:
-            result.replaced_dir.mkdir()
-            for name in result.replaced:
-                os.replace(self.out_dir / name, result.replaced_dir / name)
-            logger.warning("moved %d file(s) of an earlier run that this run did not produce into %s: %s",
-                           len(result.replaced), result.replaced_dir, ", ".join(result.replaced))
+        move_aside(self.out_dir, result)
         for entry in self.staged():
             self._move_into_place(entry)
         logger.info("published %d new file(s) into %s: %s", len(result.published), self.out_dir,

@@ -38,7 +38,8 @@ from ..recon.frames import FrameUploader, frames_to_model_input
 from ..recon.pointcloud import colors_from_images, read_ply, write_cameras_json, write_ply
 from ..recon.voxel_map import VoxelMap
 from .background import BackgroundJob, Prefetcher
-from .options import VggtModelOptions
+from ..staging import Publication, claim_folder
+from .options import OWNED_OUTPUTS, VggtModelOptions
 from .sources import LockstepSource, make_cameras, select_cameras
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,7 @@ class LiveSession:
         self.vggt = vggt_runner if vggt_runner is not None else opts.make_runner()
         self.depth_factory = depth_factory
         self.calib_path = Path(opts.per_camera_calib or Path(opts.out_dir) / "per_camera_calib.json")
+        self.output_folder: Publication | None = None
         self.st = _State([c.name for c in self.cameras])
         self.map: VoxelMap | None = None
         self.map_device = map_device(opts.device)
@@ -370,6 +372,13 @@ class LiveSession:
         if done is not None and done[2] is not None:
             self._fit(*done)
 
+    def _claim_folder(self) -> None:
+        """Before the run's first write: outputs of an earlier run in ``--out-dir`` (images or live) move aside
+        into ``.replaced-live-*`` (the calibration file stays: it is this run's input and output)."""
+        if self.output_folder is None:
+            self.output_folder = claim_folder(Path(self.o.out_dir), "live", OWNED_OUTPUTS.__contains__,
+                                              keep=[self.calib_path.name])
+
     def _publish(self, active: list[str]) -> None:
         """Offer the map to the viewer (it takes it at its rate, drops, never queues); frusta only when they change."""
         self.viewer.offer_map(self.map.means)
@@ -445,6 +454,7 @@ class LiveSession:
                 if self.viewer is not None:
                     self._publish(names)
                 if o.save_batches:
+                    self._claim_folder()
                     batches_written.append(str(write_ply(out / "batches" / f"batch_{batch.index:05d}.ply",
                                                          xyz.cpu().numpy(), rgb.cpu().numpy())))
                     t = st.lap("write", t)
@@ -469,6 +479,7 @@ class LiveSession:
         if self.map is None:
             raise InputError(f"no batch was read: {source.stop_reason or 'the source delivered nothing'}; "
                              f"camera events: {[e.to_dict() for e in source.events]}")
+        self._claim_folder()
         files = {"map": str(write_ply(out / "map.ply", *self.map.points()))}
         meta = {"input_hw": list(st.hw), "vggt": vggt_info.get("name"), "depth_model": o.depth_model,
                 "frame": (st.vggt_runs[0]["frame"] if st.vggt_runs else "from the calibration file")}
@@ -493,6 +504,7 @@ class LiveSession:
             "map": {"voxels": len(self.map), "voxels_per_batch": st.map_sizes, "voxel_size": self.map.voxel_size, "max_voxels": self.map.max_voxels,
                     "evicted": self.map.evicted, "out_of_range_points": self.map.out_of_range},
             "files": {**files, "batches": batches_written},
+            "output_folder": self.output_folder.to_dict() if self.output_folder else None,
             "options": {k: str(v) if isinstance(v, Path) else v
                         for k, v in ((f.name, getattr(o, f.name)) for f in fields(o)) if k != "viewer"},
         }

@@ -11,6 +11,10 @@ from ..runtime.ort_runner import OrtRunner
 from ..runtime.torch_runner import TorchRunner
 from ..runtime.trt_runner import TrtRunner, cuda_index
 
+# what an images or live run writes into --out-dir and therefore owns there (vggt_trt/staging.py)
+OWNED_OUTPUTS = frozenset({"points.ply", "cameras.json", "sparse", "depth.npz", "images", "summary.json",
+                           "map.ply", "batches"})
+
 
 @dataclass(kw_only=True)
 class VggtModelOptions:

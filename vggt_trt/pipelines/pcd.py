@@ -26,15 +26,13 @@ from ..recon.preprocess import load_and_preprocess_images, official_resize_hw, p
 from ..runtime.torch_runner import TorchRunner
 from ..staging import Publication, StagedRun, rewrite_paths
 from ..views import ViewRange
-from .options import VggtModelOptions
+from .options import OWNED_OUTPUTS, VggtModelOptions
 
 logger = logging.getLogger(__name__)
 
 
 # what a --source images run writes into --out-dir, and the live outputs that describe another reconstruction:
 # a run owns these names (per_camera_calib.json is an input of the next live run and stays)
-OWNED_OUTPUTS = frozenset({"points.ply", "cameras.json", "sparse", "depth.npz", "images", "summary.json",
-                           "map.ply", "batches"})
 
 
 @dataclass

@@ -189,7 +189,8 @@ class LiveViewer:
 
     def stats(self) -> dict[str, Any]:
         return {"published": self.mailbox.put_count, "dropped": self.mailbox.dropped,
-                "deferred_offers": self.deferred_offers, "max_rate_hz": 1 / self.min_interval_s if self.min_interval_s else None,
+                "deferred_offers": self.deferred_offers,
+                "max_rate_hz": 1 / self.min_interval_s if self.min_interval_s else None,
                 "served_updates": self.served_updates, "served_points": self.served_points,
                 "served_cameras": self.served_cameras, "error": None if self._error is None else repr(self._error)}
 
