@@ -238,6 +238,53 @@ def test_unsupported_or_broken_rig_files(tmp_path):
     assert rig.load_pose_centers(tmp_path / "ok.yaml", ["a"])["a"].tolist() == [1, 2, 3]
 
 
+def test_rig_file_keys_names_with_any_value_key_and_agreeing_conventions(tmp_path):
+    """Each accepted key is read (a key dropped or misspelt makes the camera 'missing')."""
+    names = ["a", "b"]
+    for fname, doc in {"centres.json": {"centres": {"a": [1, 2, 3], "b": [4, 5, 6]}},
+                       "listed.json": {"names": ["b", "a"], "units": "m", "positions": [[4, 5, 6], [1, 2, 3]]},
+                       "agree.json": {"convention": "c2w", "a": [1, 2, 3], "b": [4, 5, 6]}}.items():
+        got = rig.load_pose_centers(_write(tmp_path, fname, doc), names, "c2w")
+        assert got["a"].tolist() == [1, 2, 3] and got["b"].tolist() == [4, 5, 6], fname
+    w2c = np.eye(4)
+    w2c[:3, 3] = [1.0, 2.0, 3.0]  # identity rotation: the centre is -t
+    got = rig.load_pose_centers(_write(tmp_path, "w2c.json", {"convention": "W2C", "a": w2c.tolist(),
+                                                             "b": w2c.tolist()}), names, "w2c")
+    assert got["a"].tolist() == [-1.0, -2.0, -3.0]
+    k = [[100.0, 0, 40.0], [0, 90.0, 30.0], [0, 0, 1]]
+    got = rig.load_intrinsics(_write(tmp_path, "cams.json", {"cameras": {"a": k, "b": {"K": k}}}), names)
+    assert got["a"].tolist() == k and got["b"].tolist() == k
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"a": "abc", "b": [0, 0, 0]}, r"^poses file bad\.json, camera a: not a numeric array \(could not convert"),
+    ({"a": {"R": np.diag([1.0, 1.0, -1.0]).tolist(), "t": [0, 0, 0]}, "b": [0, 0, 0]},
+     r"^poses file bad\.json, camera a: the rotation part is not a proper rotation"),
+    ([[0, 0, 0]], r"^poses file \S*bad\.json lists 1 unnamed entries for 2 cameras \(a, b\); give names"),
+])
+def test_pose_errors_start_with_the_file_and_camera(tmp_path, doc, message):
+    with pytest.raises(InputError, match=message):
+        rig.load_pose_centers(_write(tmp_path, "bad.json", doc), ["a", "b"])
+
+
+def test_rig_log_messages(tmp_path, caplog):
+    doc = {n: [0, 0, 0] for n in ["a", "b"] + [f"c{i}" for i in range(9)]}
+    pku = tmp_path / "pku"
+    for cam in ("cam02", "cam01"):
+        _img(pku / cam / "000000.png")
+    (pku / "notes").mkdir()
+    with caplog.at_level(logging.DEBUG, logger="vggt_trt.recon.rig"):
+        rig.load_pose_centers(_write(tmp_path, "extra.json", doc), ["a", "b"])
+        rig.discover_scene(pku)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "poses file extra.json: ignoring 9 cameras not used here (c0, c1, c2, c3, c4, c5, c6, c7)",
+        f"loaded 2 known camera poses from {tmp_path / 'extra.json'} (c2w)",
+        f"{pku / 'notes'} holds no images; not a camera folder",
+        f"scene {pku}: PKU-style, 2 cameras (cam01, cam02)",
+    ]
+
+
 # ----------------------------------------------------------------------------- scenes and view selection
 
 
