@@ -267,6 +267,12 @@ def test_pose_errors_start_with_the_file_and_camera(tmp_path, doc, message):
         rig.load_pose_centers(_write(tmp_path, "bad.json", doc), ["a", "b"])
 
 
+def test_intrinsics_count_error_starts_with_the_file(tmp_path):
+    k = [[100.0, 0, 40.0], [0, 90.0, 30.0], [0, 0, 1]]
+    with pytest.raises(InputError, match=r"^intrinsics file \S*bad\.json lists 1 unnamed entries for 2 cameras"):
+        rig.load_intrinsics(_write(tmp_path, "bad.json", [k]), ["a", "b"])
+
+
 def test_rig_log_messages(tmp_path, caplog):
     doc = {n: [0, 0, 0] for n in ["a", "b"] + [f"c{i}" for i in range(9)]}
     pku = tmp_path / "pku"
