@@ -496,3 +496,52 @@ def test_cameras_files_accept_model_batches_and_report_bad_input(tmp_path):
         read_cameras_json(tmp_path / "bad.json")
     with pytest.raises(InputError, match="cameras file not found"):
         read_cameras_json(tmp_path / "none.json")
+
+
+def test_colours_clip_below_zero_and_above_one_on_both_paths():
+    """Values outside [0, 1] (bicubic overshoot) clip to 0 and 255 in numpy and torch alike."""
+    import torch
+
+    from vggt_trt.recon.pointcloud import colors_from_images
+
+    values = np.array([-0.5, -0.001, 0.0, 0.502, 1.0, 1.7], np.float32)  # 0.502 * 255 = 128.01
+    images = values.reshape(1, 3, 1, 2)
+    want = np.array([0, 0, 0, 128, 255, 255], np.uint8).reshape(1, 3, 1, 2).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(colors_from_images(images), want)
+    np.testing.assert_array_equal(colors_from_images(torch.from_numpy(images)).numpy(), want)
+
+
+def test_filter_points_threshold_without_conf_message():
+    from vggt_trt.recon.pointcloud import filter_points
+
+    with pytest.raises(InputError, match=r"^a confidence threshold/percentile needs conf$"):
+        filter_points(np.zeros((2, 3)), threshold=0.5)
+
+
+def test_cameras_json_sizes_written_as_floats_read_back_as_integers(tmp_path):
+    from vggt_trt.recon.pointcloud import read_cameras_json
+
+    cam = {"image_name": "a", "height": 4.0, "width": 6.0, "extrinsic": np.eye(4)[:3].tolist(),
+           "intrinsic": np.eye(3).tolist()}
+    hw = read_cameras_json(_write(tmp_path, "c.json", {"cameras": [cam]}))["image_hw"]
+    assert hw.dtype == np.int64 and hw.tolist() == [[4, 6]]
+
+
+def test_colmap_headers_name_error_and_log(tmp_path, caplog):
+    from vggt_trt.recon.pointcloud import write_colmap_text
+
+    xyz = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    with caplog.at_level(logging.INFO, logger="vggt_trt.recon.pointcloud"):
+        paths = write_colmap_text(tmp_path / "m", np.eye(4)[None, :3], np.eye(3)[None], ["a.png"], (4, 6), xyz)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"wrote COLMAP text model (1 cameras, 2 points) to {tmp_path / 'm'}"]
+    # the header lines COLMAP's own text writer puts in images.txt
+    assert paths["images"].read_text().splitlines()[:4] == [
+        "# Image list with two lines of data per image:",
+        "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
+        "#   POINTS2D[] as (X, Y, POINT3D_ID)",
+        "# Number of images: 1, mean observations per image: 0"]
+    extr, intr = np.tile(np.eye(4)[:3], (4, 1, 1)), np.tile(np.eye(3), (4, 1, 1))
+    with pytest.raises(InputError, match=r"^COLMAP image names cannot be empty or contain whitespace: "
+                                         r"\['a b', 'c d', ''\]$"):  # the first three
+        write_colmap_text(tmp_path / "bad", extr, intr, ["a b", "c d", "", "g\th"], (4, 6))
