@@ -332,3 +332,45 @@ def test_numpy_path_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+# ----------------------------------------------------------------------------- exact values and names (issue 19)
+
+
+def _hand_unprojected(depth, fx, fy, cx, cy):
+    """Identity pose: world = camera = ((u - cx) d / fx, (v - cy) d / fy, d), computed here in float64."""
+    h, w = depth.shape
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    d = depth.astype(np.float64)
+    return np.stack([(u - cx) * d / fx, (v - cy) * d / fy, d], -1)
+
+
+def test_unprojection_of_h_w_1_depth_keeps_float32_and_honours_an_explicit_dtype():
+    depth = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
+    extr = np.eye(4, dtype=np.float32)[None, :3]
+    intr = np.array([[[2.0, 0, 1.0], [0, 4.0, 0.5], [0, 0, 1]]], np.float32)
+    want = _hand_unprojected(depth, 2.0, 4.0, 1.0, 0.5)[None]
+    out = g.unproject_depth_map_to_point_map(depth[None, :, :, None], extr, intr)  # [S, H, W, 1] depth
+    assert out.dtype == np.float32 and out.shape == (1, 2, 3, 3)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    t = g.unproject_depth_map_to_point_map(torch.from_numpy(depth)[None, :, :, None], torch.from_numpy(extr),
+                                           torch.from_numpy(intr))
+    assert t.dtype == torch.float32 and t.shape == (1, 2, 3, 3)
+    np.testing.assert_allclose(t.numpy(), want, rtol=1e-6)
+    t64 = g.unproject_depth_map_to_point_map(torch.from_numpy(depth)[None], torch.from_numpy(extr),
+                                             torch.from_numpy(intr), dtype=torch.float64)
+    assert t64.dtype == torch.float64
+    np.testing.assert_allclose(t64.numpy(), want, rtol=1e-15)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(InputError, match=r"^depth: expected a numeric array, got dtype <U1$"):
+        g.unproject_depth_map_to_point_map(np.array([["a"]]), np.zeros((3, 4)), np.eye(3))
+    with pytest.raises(InputError, match=r"^extrinsic: expected shape \[\.\.\., 3x4\], found \[2, 3, 3\]$"):
+        g.extri_intri_to_pose_encoding(np.zeros((2, 3, 3)), np.zeros((2, 3, 3)), (14, 14))
+    with pytest.raises(InputError, match=r"^image_hw must be \(height, width\), found \(14,\)$"):
+        g.extri_intri_to_pose_encoding(np.zeros((2, 3, 4)), np.zeros((2, 3, 3)), (14,))
+    with pytest.raises(InputError, match=r"^conf: expected a numeric array, got dtype <U1$"):
+        g.confidence_mask(np.array(["a"]), threshold=1.0)
+    with pytest.raises(InputError, match=r"^umeyama: all source points coincide; the scale is undetermined$"):
+        g.umeyama_similarity(np.ones((4, 3)), np.random.default_rng(0).normal(size=(4, 3)))

@@ -345,3 +345,118 @@ def test_every_reader_sees_16bit_gradient(tmp_path):
     ok, bgr = ImageFolderCapture([path]).read()
     assert ok and np.abs(bgr[..., ::-1].astype(int) - want.astype(int)).max() <= 1
     assert np.abs(thumbnail(path).astype(int) - want.astype(int)).max() <= 1
+
+
+# --------------------------------------------------------------------------- exact values (issue 19)
+
+EXTENSIONS_TEXT = ".jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp"
+
+
+def _square_with_orientation(path: Path, orientation: int) -> np.ndarray:
+    """A 28x28 RGB PNG (no resampling at target 28) carrying an EXIF orientation tag; returns its pixels."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, size=(28, 28, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb, "RGB").save(path, exif=exif)
+    return rgb
+
+
+def test_exif_orientation_applied_only_when_asked(tmp_path):
+    path = tmp_path / "rotated.png"
+    raw = _square_with_orientation(path, 6)  # 6: the camera was turned, display rotated 90 deg clockwise
+    clockwise = np.ascontiguousarray(np.rot90(raw, k=-1))  # new[i, j] = raw[27 - j, i]
+    assert clockwise[0, 0].tolist() == raw[27, 0].tolist()
+    want_raw = raw.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    want_rot = clockwise.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(load_and_preprocess_images([path], target_size=28)[0], want_raw)
+    np.testing.assert_array_equal(load_and_preprocess_images([path], target_size=28, exif_transpose=True)[0],
+                                  want_rot)
+    np.testing.assert_array_equal(load_and_preprocess_images([path], "pad", 28, exif_transpose=True)[0], want_rot)
+    np.testing.assert_array_equal(preprocess_to_shape([path], 28, 28)[0], want_raw)
+    np.testing.assert_array_equal(preprocess_to_shape([path], 28, 28, exif_transpose=True)[0], want_rot)
+    np.testing.assert_array_equal(np.asarray(load_image(path)), raw)
+    np.testing.assert_array_equal(np.asarray(load_image(path, exif_transpose=True)), clockwise)
+
+
+def test_crop_values_are_the_centre_rows_of_the_unresampled_image(tmp_path):
+    # 28 wide x 56 tall at target 28: resized to 28x56 (no resampling), centre crop keeps rows 14..41
+    rgb = np.random.default_rng(3).integers(0, 256, size=(56, 28, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "tall.png")
+    out = load_and_preprocess_images([tmp_path / "tall.png"], target_size=28)
+    assert out.shape == (1, 3, 28, 28)
+    np.testing.assert_array_equal(out[0], rgb[14:42].transpose(2, 0, 1).astype(np.float32) / np.float32(255))
+
+
+def test_pad_values_centre_the_image_in_white(tmp_path):
+    # 28 wide x 14 tall at target 28, pad mode: 7 white rows above, 7 below, image rows in 7..20
+    rgb = np.random.default_rng(4).integers(0, 200, size=(14, 28, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "wide.png")
+    out = load_and_preprocess_images([tmp_path / "wide.png"], mode="pad", target_size=28)[0]
+    assert out.shape == (3, 28, 28)
+    want = np.ones((3, 28, 28), np.float32)
+    want[:, 7:21] = rgb.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(out, want)
+    # portrait (14 wide x 28 tall): 7 white columns left and right
+    Image.fromarray(rgb.transpose(1, 0, 2).copy()).save(tmp_path / "port.png")
+    outp = load_and_preprocess_images([tmp_path / "port.png"], mode="pad", target_size=28)[0]
+    wantp = np.ones((3, 28, 28), np.float32)
+    wantp[:, :, 7:21] = rgb.transpose(2, 1, 0).astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(outp, wantp)
+
+
+def test_too_elongated_image_is_refused_with_its_size(tmp_path):
+    Image.fromarray(np.zeros((5, 1000, 3), np.uint8)).save(tmp_path / "strip.png")  # resizes to 14x0
+    with pytest.raises(InputError, match=r"strip\.png \(1000x5\) is too elongated for crop mode at target "
+                                         r"size 14: it would resize to 14x0"):
+        load_and_preprocess_images([tmp_path / "strip.png"], target_size=14)
+
+
+def test_size_errors_name_the_argument_and_the_nearest_valid_value(scene):
+    _, p = scene
+    with pytest.raises(InputError, match=r"^target_size must be a positive multiple of 14 \(the patch size\), "
+                                         r"found 500 \(nearest valid: 504\)$"):
+        load_and_preprocess_images([p["land"]], target_size=500)
+    with pytest.raises(InputError, match=r"^height must be a positive multiple of 14 \(the patch size\), "
+                                         r"found 50 \(nearest valid: 56\)$"):
+        preprocess_to_shape([p["land"]], 50, 70)
+    with pytest.raises(InputError, match=r"^width must be a positive multiple of 14 \(the patch size\), "
+                                         r"found 71 \(nearest valid: 70\)$"):
+        preprocess_to_shape([p["land"]], 56, 71)
+    with pytest.raises(InputError, match=r"^at least 1 image is required, got an empty list$"):
+        load_and_preprocess_images([])
+    with pytest.raises(InputError, match=r"^at least 1 image is required, got an empty list$"):
+        preprocess_to_shape([], 14, 14)
+    with pytest.raises(InputError, match=r"^mode must be 'crop' or 'pad', found 'fill'$"):
+        load_and_preprocess_images([p["land"]], mode="fill")
+
+
+def test_list_images_skips_hidden_folders_and_names_what_it_searched(scene):
+    d, p = scene
+    for hidden in (d / ".cache" / "x.png", d / "sub" / ".thumbs" / "y.png"):
+        hidden.parent.mkdir(parents=True)
+        make_image(hidden, 8, 8)
+    assert list_images(d) == sorted([p["land"], p["port"], p["rgba"], p["tiny"]])
+    empty = d / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=rf"^no images \({EXTENSIONS_TEXT}\) found in folder .*empty$"):
+        list_images(empty, recursive=False)
+    with pytest.raises(InputError, match=rf"^no images \({EXTENSIONS_TEXT}\) found in folder .*empty "
+                                         r"\(searched recursively\)$"):
+        list_images(empty)
+    with pytest.raises(InputError, match=rf"notes\.txt is not an image file \(expected one of {EXTENSIONS_TEXT}\)$"):
+        list_images(d / "notes.txt")
+
+
+def test_log_messages(scene, tmp_path, caplog):
+    _, p = scene
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with caplog.at_level(logging.DEBUG, logger="vggt_trt.recon.preprocess"):
+        load_and_preprocess_images([p["land"], p["land"]])
+        preprocess_to_shape([p["land"]], 56, 70)
+        readable_images([bad])
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == ["preprocessed 2 images (crop mode) to (2, 3, 392, 518)",
+                            "preprocessed 1 images to fixed shape 56x70"]  # same shapes: no padding warning
+    assert len(messages) == 3 and messages[2].startswith(f"skipping unreadable image: cannot read image {bad}:")

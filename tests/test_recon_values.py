@@ -59,6 +59,26 @@ def test_live_fit_is_robust_and_reports_huber_inliers():
     assert abs(plain.shift - 0.1) > 0.1
 
 
+def test_live_fit_is_the_huber_irls_of_its_docstring():
+    """Skewed noise (the residual median is not 0) against an IRLS written here from the definition: weighted
+    normal equations, sigma = 1.4826 * median |r - median r|, Huber weight 1 inside 1.345 sigma and
+    delta / |r| outside, 10 iterations. A weight cap other than 1 or a MAD around the wrong centre fails."""
+    rng = np.random.default_rng(5)
+    disp = rng.uniform(0.2, 2.0, 400)
+    target = 0.5 * disp + 0.1 + rng.exponential(0.01, 400)
+    design = np.column_stack([disp, np.ones_like(disp)])
+    w = np.ones(400)
+    for _ in range(10):
+        coef = np.linalg.solve((design * w[:, None]).T @ design, (design * w[:, None]).T @ target)
+        r = target - design @ coef
+        delta = 1.345 * 1.4826 * np.median(np.abs(r - np.median(r)))
+        w = np.where(np.abs(r) <= delta, 1.0, delta / np.abs(r))
+    assert abs(np.median(r)) > 1e-3  # the case really has an off-centre residual median
+    fit = fit_scale_shift(disp, target)
+    assert fit.scale == pytest.approx(coef[0], rel=1e-9) and fit.shift == pytest.approx(coef[1], rel=1e-9)
+    assert fit.inliers == np.mean(w >= 1.0)
+
+
 def test_live_fit_computes_in_float64_whatever_the_input_dtype():
     rng = np.random.default_rng(2)
     disp = rng.uniform(0.1, 3.0, 500).astype(np.float32)
@@ -236,6 +256,59 @@ def test_unsupported_or_broken_rig_files(tmp_path):
         rig.load_pose_centers(tmp_path / "missing.json", ["a"])
     (tmp_path / "ok.yaml").write_text("a: [1, 2, 3]\n")
     assert rig.load_pose_centers(tmp_path / "ok.yaml", ["a"])["a"].tolist() == [1, 2, 3]
+
+
+def test_rig_file_keys_names_with_any_value_key_and_agreeing_conventions(tmp_path):
+    """Each accepted key is read (a key dropped or misspelt makes the camera 'missing')."""
+    names = ["a", "b"]
+    for fname, doc in {"centres.json": {"centres": {"a": [1, 2, 3], "b": [4, 5, 6]}},
+                       "listed.json": {"names": ["b", "a"], "units": "m", "positions": [[4, 5, 6], [1, 2, 3]]},
+                       "agree.json": {"convention": "c2w", "a": [1, 2, 3], "b": [4, 5, 6]}}.items():
+        got = rig.load_pose_centers(_write(tmp_path, fname, doc), names, "c2w")
+        assert got["a"].tolist() == [1, 2, 3] and got["b"].tolist() == [4, 5, 6], fname
+    w2c = np.eye(4)
+    w2c[:3, 3] = [1.0, 2.0, 3.0]  # identity rotation: the centre is -t
+    got = rig.load_pose_centers(_write(tmp_path, "w2c.json", {"convention": "W2C", "a": w2c.tolist(),
+                                                             "b": w2c.tolist()}), names, "w2c")
+    assert got["a"].tolist() == [-1.0, -2.0, -3.0]
+    k = [[100.0, 0, 40.0], [0, 90.0, 30.0], [0, 0, 1]]
+    got = rig.load_intrinsics(_write(tmp_path, "cams.json", {"cameras": {"a": k, "b": {"K": k}}}), names)
+    assert got["a"].tolist() == k and got["b"].tolist() == k
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"a": "abc", "b": [0, 0, 0]}, r"^poses file bad\.json, camera a: not a numeric array \(could not convert"),
+    ({"a": {"R": np.diag([1.0, 1.0, -1.0]).tolist(), "t": [0, 0, 0]}, "b": [0, 0, 0]},
+     r"^poses file bad\.json, camera a: the rotation part is not a proper rotation"),
+    ([[0, 0, 0]], r"^poses file \S*bad\.json lists 1 unnamed entries for 2 cameras \(a, b\); give names"),
+])
+def test_pose_errors_start_with_the_file_and_camera(tmp_path, doc, message):
+    with pytest.raises(InputError, match=message):
+        rig.load_pose_centers(_write(tmp_path, "bad.json", doc), ["a", "b"])
+
+
+def test_intrinsics_count_error_starts_with_the_file(tmp_path):
+    k = [[100.0, 0, 40.0], [0, 90.0, 30.0], [0, 0, 1]]
+    with pytest.raises(InputError, match=r"^intrinsics file \S*bad\.json lists 1 unnamed entries for 2 cameras"):
+        rig.load_intrinsics(_write(tmp_path, "bad.json", [k]), ["a", "b"])
+
+
+def test_rig_log_messages(tmp_path, caplog):
+    doc = {n: [0, 0, 0] for n in ["a", "b"] + [f"c{i}" for i in range(9)]}
+    pku = tmp_path / "pku"
+    for cam in ("cam02", "cam01"):
+        _img(pku / cam / "000000.png")
+    (pku / "notes").mkdir()
+    with caplog.at_level(logging.DEBUG, logger="vggt_trt.recon.rig"):
+        rig.load_pose_centers(_write(tmp_path, "extra.json", doc), ["a", "b"])
+        rig.discover_scene(pku)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "poses file extra.json: ignoring 9 cameras not used here (c0, c1, c2, c3, c4, c5, c6, c7)",
+        f"loaded 2 known camera poses from {tmp_path / 'extra.json'} (c2w)",
+        f"{pku / 'notes'} holds no images; not a camera folder",
+        f"scene {pku}: PKU-style, 2 cameras (cam01, cam02)",
+    ]
 
 
 # ----------------------------------------------------------------------------- scenes and view selection
@@ -443,3 +516,52 @@ def test_cameras_files_accept_model_batches_and_report_bad_input(tmp_path):
         read_cameras_json(tmp_path / "bad.json")
     with pytest.raises(InputError, match="cameras file not found"):
         read_cameras_json(tmp_path / "none.json")
+
+
+def test_colours_clip_below_zero_and_above_one_on_both_paths():
+    """Values outside [0, 1] (bicubic overshoot) clip to 0 and 255 in numpy and torch alike."""
+    import torch
+
+    from vggt_trt.recon.pointcloud import colors_from_images
+
+    values = np.array([-0.5, -0.001, 0.0, 0.502, 1.0, 1.7], np.float32)  # 0.502 * 255 = 128.01
+    images = values.reshape(1, 3, 1, 2)
+    want = np.array([0, 0, 0, 128, 255, 255], np.uint8).reshape(1, 3, 1, 2).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(colors_from_images(images), want)
+    np.testing.assert_array_equal(colors_from_images(torch.from_numpy(images)).numpy(), want)
+
+
+def test_filter_points_threshold_without_conf_message():
+    from vggt_trt.recon.pointcloud import filter_points
+
+    with pytest.raises(InputError, match=r"^a confidence threshold/percentile needs conf$"):
+        filter_points(np.zeros((2, 3)), threshold=0.5)
+
+
+def test_cameras_json_sizes_written_as_floats_read_back_as_integers(tmp_path):
+    from vggt_trt.recon.pointcloud import read_cameras_json
+
+    cam = {"image_name": "a", "height": 4.0, "width": 6.0, "extrinsic": np.eye(4)[:3].tolist(),
+           "intrinsic": np.eye(3).tolist()}
+    hw = read_cameras_json(_write(tmp_path, "c.json", {"cameras": [cam]}))["image_hw"]
+    assert hw.dtype == np.int64 and hw.tolist() == [[4, 6]]
+
+
+def test_colmap_headers_name_error_and_log(tmp_path, caplog):
+    from vggt_trt.recon.pointcloud import write_colmap_text
+
+    xyz = np.array([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+    with caplog.at_level(logging.INFO, logger="vggt_trt.recon.pointcloud"):
+        paths = write_colmap_text(tmp_path / "m", np.eye(4)[None, :3], np.eye(3)[None], ["a.png"], (4, 6), xyz)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"wrote COLMAP text model (1 cameras, 2 points) to {tmp_path / 'm'}"]
+    # the header lines COLMAP's own text writer puts in images.txt
+    assert paths["images"].read_text().splitlines()[:4] == [
+        "# Image list with two lines of data per image:",
+        "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
+        "#   POINTS2D[] as (X, Y, POINT3D_ID)",
+        "# Number of images: 1, mean observations per image: 0"]
+    extr, intr = np.tile(np.eye(4)[:3], (4, 1, 1)), np.tile(np.eye(3), (4, 1, 1))
+    with pytest.raises(InputError, match=r"^COLMAP image names cannot be empty or contain whitespace: "
+                                         r"\['a b', 'c d', ''\]$"):  # the first three
+        write_colmap_text(tmp_path / "bad", extr, intr, ["a b", "c d", "", "g\th"], (4, 6))
