@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 from tqdm import tqdm
 
 from ..accuracy import format_accuracy_table
-from ..atomic import atomic_path, write_json_atomic
+from ..atomic import write_json_atomic
 from ..errors import AccuracyError, BuildError, GraphError, InputError, MissingDependencyError
 from ..graph.export import ExportSpec, export_onnx
-from ..graph.io import copy_onnx, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256, save_onnx
+from ..graph.io import (EXTERNAL_DATA_THRESHOLD, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256,
+                        save_onnx, save_sharing)
 from ..graph.ort import assert_accuracy, compare_onnx_ort
 from ..graph.precision_cast import cast_precision
 from ..graph.qdq import has_activation_qdq, strip_activation_qdq
@@ -279,25 +279,28 @@ def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str,
 def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
     """Rewrite sequence ops into tensor ops and repair the opset; writes ``dst`` (.NOSEQ.onnx).
 
-    A graph without sequence ops (what our exporter produces) is copied tensor by tensor and only
-    its header is edited, so a 4.6 GB graph never has to sit in memory.
+    The pass never changes weights: ``dst`` holds the graph structure only and references the external
+    data file of ``src`` (a hard link of it when ``dst`` is in another folder), so a 4.6 GB graph is
+    neither loaded nor copied. A small graph with sequence ops is rewritten in memory (shape inference).
     """
     structure = load_onnx(src, load_external_data=False)
     try:
         assert_no_sequence_ops(structure)
     except GraphError as found:
         logger.info("%s has sequence ops (%s); rewriting them", src.name, found)
-        model = load_onnx(src)
+        large = graph_bytes(src) > EXTERNAL_DATA_THRESHOLD  # then the pass edits the structure only
+        model = structure if large else load_onnx(src)
         before = node_count(model)
         model = repair_opset(remove_sequence_ops(model), opset)
         assert_no_sequence_ops(model)
-        save_onnx(model, dst, restore=False)
+        if large:
+            save_sharing(model, src.parent, dst)
+        else:
+            save_onnx(model, dst, restore=False)
         return {"path": str(dst), "sequence_ops": "rewritten", "nodes_before": before, "nodes_after": node_count(model)}
-    copy_onnx(src, dst)
-    header = repair_opset(load_onnx(dst, load_external_data=False), opset)
-    with atomic_path(dst) as tmp:
-        onnx.save_model(header, str(tmp))
-    logger.info("%s: no sequence ops; tensors copied, opset/IR header repaired", dst.name)
+    header = repair_opset(structure, opset)
+    save_sharing(header, src.parent, dst)
+    logger.info("%s: no sequence ops; opset/IR header repaired, tensors shared with %s", dst.name, src.name)
     return {"path": str(dst), "sequence_ops": "none found", "nodes_before": node_count(header),
             "nodes_after": node_count(header)}
 

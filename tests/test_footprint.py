@@ -1,0 +1,89 @@
+"""Memory and disk footprint of the conversion (issue 16): passes that keep weights on disk, shared external
+data, streamed precision casts; checked on small graphs whose tensors are all external data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import external_data_helper
+
+from vggt_trt.graph import io
+from vggt_trt.graph import ort
+from vggt_trt.graph import simplify as simp
+
+from helpers import IMAGES, export_toy
+
+
+def externalise(src: Path, dst: Path) -> Path:
+    """``src`` saved as ``dst`` with every tensor (initializers and Constant values) in ``<dst>.data``."""
+    model = onnx.load(str(src))
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{dst.name}.data", size_threshold=0)
+    return dst
+
+
+def tensors_by_name(path: Path) -> dict[str, bytes]:
+    """Every initializer and Constant value of the graph at ``path``, as raw bytes (external data loaded)."""
+    model = onnx.load(str(path))
+    out = {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                out[f"{node.name}:{a.name}"] = onnx.numpy_helper.to_array(a.t).tobytes()
+    return out
+
+
+def locations(path: Path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {external_data_helper.ExternalDataInfo(t).location for t in io._all_tensors(model)
+            if external_data_helper.uses_external_data(t)}
+
+
+@pytest.fixture(scope="module")
+def toy_ext(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toy-ext")
+    return externalise(export_toy(d / "toy_inline.onnx"), d / "toy.onnx")
+
+
+def test_simplify_of_a_large_graph_keeps_weights_on_disk_and_shares_them(toy_ext, tmp_path):
+    """onnxslim on the structure only (gs LazyValues keep the original TensorProto): the simplified graph has no
+    data file of its own, references the input's by relative location, and computes the same as the input."""
+    work = tmp_path / "w"
+    work.mkdir()
+    src = externalise(toy_ext, work / "g.onnx")
+    res = simp.simplify(src, work / "g.simp.onnx", large_model_bytes=1)
+    assert res.status == "simplified", res.reason  # a stray weight load (cwd-relative) would fail onnxslim
+    assert res.nodes_after < res.nodes_before
+    assert not (work / "g.simp.onnx.data").exists()
+    assert locations(work / "g.simp.onnx") == {"g.onnx.data"}
+    # every tensor the simplified graph keeps is byte-identical to the input's tensor of that name
+    before, after = tensors_by_name(src), tensors_by_name(work / "g.simp.onnx")
+    shared = [n for n in after if n in before]
+    assert len(shared) >= len(onnx.load(str(src), load_external_data=False).graph.initializer) // 2
+    assert all(after[n] == before[n] for n in shared)
+    onnx.checker.check_model(str(work / "g.simp.onnx"), full_check=False)
+    ref = ort.run_onnx(src, {"images": IMAGES})
+    got = ort.run_onnx(work / "g.simp.onnx", {"images": IMAGES})
+    np.testing.assert_allclose(got["depth"], ref["depth"], rtol=1e-5, atol=1e-6)
+
+
+def test_save_sharing_in_another_folder_streams_a_copy(toy_ext, tmp_path):
+    model = io.load_onnx(toy_ext, load_external_data=False)
+    dst = io.save_sharing(model, toy_ext.parent, tmp_path / "other" / "x.onnx")
+    assert locations(dst) == {"x.onnx.data"}
+    assert tensors_by_name(dst) == tensors_by_name(toy_ext)
+
+
+def test_a_stale_data_file_another_graph_references_is_kept(toy_ext, tmp_path):
+    """Rewriting ``a.onnx`` without external data must not delete ``a.onnx.data`` while ``b.onnx`` uses it."""
+    a = externalise(toy_ext, tmp_path / "a.onnx")
+    io.save_sharing(io.load_onnx(a, load_external_data=False), tmp_path, tmp_path / "b.onnx")
+    io.save_onnx(io.load_onnx(a), tmp_path / "a.onnx", external_data=False)
+    assert (tmp_path / "a.onnx.data").is_file()
+    assert tensors_by_name(tmp_path / "b.onnx") == tensors_by_name(tmp_path / "a.onnx")
+    (tmp_path / "b.onnx").unlink()
+    io.save_onnx(io.load_onnx(a), tmp_path / "a.onnx", external_data=False)
+    assert not (tmp_path / "a.onnx.data").exists()  # unreferenced now: dropped as before
