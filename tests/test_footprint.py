@@ -87,3 +87,40 @@ def test_a_stale_data_file_another_graph_references_is_kept(toy_ext, tmp_path):
     (tmp_path / "b.onnx").unlink()
     io.save_onnx(io.load_onnx(a), tmp_path / "a.onnx", external_data=False)
     assert not (tmp_path / "a.onnx.data").exists()  # unreferenced now: dropped as before
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_streamed_cast_writes_the_tensors_of_the_in_memory_cast(toy_ext, tmp_path, precision):
+    """The file cast loads no weights up front and converts each on write; its graph equals, node for node and
+    tensor for tensor (bytes), what cast_precision makes of the fully loaded graph."""
+    from vggt_trt.graph import precision_cast as pc
+
+    old, old_summary = pc.cast_precision(io.load_onnx(toy_ext), precision)
+    io.save_onnx(old, tmp_path / "old.onnx", external_data=False)
+    summary = pc.cast_precision_file(toy_ext, tmp_path / "new.onnx", precision)
+    assert summary == old_summary and summary["constants_converted"] > 0
+    assert locations(tmp_path / "new.onnx") == {"new.onnx.data"}
+    new = onnx.load(str(tmp_path / "new.onnx"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in new.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in old.graph.node]
+    before, after = tensors_by_name(tmp_path / "old.onnx"), tensors_by_name(tmp_path / "new.onnx")
+    assert before.keys() == after.keys() and all(after[k] == before[k] for k in before)
+    assert [t.data_type for t in new.graph.initializer] == [t.data_type for t in old.graph.initializer]
+    onnx.checker.check_model(str(tmp_path / "new.onnx"))
+
+
+def test_streamed_cast_reports_clipped_values(tmp_path):
+    from onnx import helper as h
+    from vggt_trt.graph import precision_cast as pc
+
+    w = np.full((4, 4), 1e6, dtype=np.float32)
+    graph = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                         [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+                         [onnx.numpy_helper.from_array(w, "w")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    summary = pc.cast_precision_file(tmp_path / "m.onnx", tmp_path / "c.onnx", "fp16")
+    assert summary["values_clipped"] == 16 == pc.cast_precision(io.load_onnx(tmp_path / "m.onnx"), "fp16")[1][
+        "values_clipped"]

@@ -30,7 +30,7 @@ from ..graph.export import ExportSpec, export_onnx
 from ..graph.io import (EXTERNAL_DATA_THRESHOLD, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256,
                         save_onnx, save_sharing)
 from ..graph.ort import assert_accuracy, compare_onnx_ort
-from ..graph.precision_cast import cast_precision
+from ..graph.precision_cast import cast_precision_file
 from ..graph.qdq import has_activation_qdq, strip_activation_qdq
 from ..graph.sequences import assert_no_sequence_ops, remove_sequence_ops, repair_opset
 from ..graph.simplify import check_model, simplify
@@ -338,9 +338,7 @@ def without_activation_qdq(src: Path, dst: Path, tmp: Path) -> tuple[Path, Path,
 
 def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: bool) -> dict[str, Any]:
     """fp16/bf16 strongly typed graph, checked against the fp32 graph with ONNX Runtime (or the reference evaluator)."""
-    model, summary = cast_precision(load_onnx(src), precision)
-    save_onnx(model, dst, restore=False)
-    del model
+    summary = cast_precision_file(src, dst, precision)  # streams the weights: never two copies in memory
     report: dict[str, Any] = {"path": str(dst), "cast_summary": summary}
     if not verify:
         report["verification"] = "skipped: graph too large for a CPU check (pass --verify to force)"
