@@ -14,7 +14,7 @@ from vggt_trt.graph import io
 from vggt_trt.graph import ort
 from vggt_trt.graph import simplify as simp
 
-from helpers import IMAGES, export_toy
+from helpers import IMAGES, export_tiny, export_toy
 
 
 def externalise(src: Path, dst: Path) -> Path:
@@ -40,6 +40,11 @@ def locations(path: Path) -> set[str]:
     model = onnx.load(str(path), load_external_data=False)
     return {external_data_helper.ExternalDataInfo(t).location for t in io._all_tensors(model)
             if external_data_helper.uses_external_data(t)}
+
+
+@pytest.fixture(scope="module")
+def tiny_pcd_onnx(tmp_path_factory) -> Path:
+    return export_tiny(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +129,88 @@ def test_streamed_cast_reports_clipped_values(tmp_path):
     summary = pc.cast_precision_file(tmp_path / "m.onnx", tmp_path / "c.onnx", "fp16")
     assert summary["values_clipped"] == 16 == pc.cast_precision(io.load_onnx(tmp_path / "m.onnx"), "fp16")[1][
         "values_clipped"]
+
+
+# ------------------------------------------------------------------ the tiny VGGT graph, today's pipeline against this one
+def _old_pipeline(raw: Path, out: Path) -> Path:
+    """What main did to a large graph (weights loaded at every step): streamed copy + header repair, onnxslim on
+    the loaded graph saved with its own data file, the in-memory cast saved with its own data file."""
+    import onnxslim
+    from vggt_trt.graph import precision_cast as pc
+    from vggt_trt.graph.sequences import repair_opset
+
+    out.mkdir()
+    noseq = io.copy_onnx(raw, out / "g.NOSEQ.onnx")
+    header = repair_opset(io.load_onnx(noseq, load_external_data=False), 18)
+    onnx.save_model(header, str(noseq))
+    slim = onnxslim.slim(str(noseq), no_shape_infer=True, skip_optimizations=["constant_folding"],
+                         skip_fusion_patterns=["FusionGemm"])
+    io.save_onnx(slim, out / "g.simp.onnx", external_data=True, restore=False)
+    cast, _ = pc.cast_precision(io.load_onnx(out / "g.simp.onnx"), "fp16")
+    return io.save_onnx(cast, out / "g_fp16.onnx", external_data=True, restore=False)
+
+
+def _network_io(path: Path) -> dict:
+    """Inputs and outputs (name, shape, dtype) and the precision summary of the TensorRT-RTX network parsed from
+    ``path``: what the engine's I/O is built from."""
+    import tensorrt_rtx as trt
+
+    from vggt_trt.trt import backend as tb
+    from vggt_trt.trt.build import network_precision_summary
+
+    _, info = tb.import_tensorrt("tensorrt-rtx")
+    log = tb.make_logger(trt)
+    builder = trt.Builder(log)
+    network = tb.create_network(trt, builder, info, True)
+    parser = trt.OnnxParser(network, log)
+    assert parser.parse_from_file(str(path)), tb.parser_errors(parser)
+    tensors = [network.get_input(i) for i in range(network.num_inputs)] + \
+        [network.get_output(i) for i in range(network.num_outputs)]
+    return {"io": [(t.name, tuple(t.shape), str(t.dtype)) for t in tensors],
+            "precision": network_precision_summary(network)}
+
+
+def test_tiny_vggt_fp16_graph_and_network_io_equal_todays_pipeline(tmp_path, tiny_pcd_onnx):
+    """The tiny VGGT graph with every tensor external (so the large-graph paths run): sequence removal and
+    simplify on the structure, streamed cast; the fp16 graph equals main's, tensor for tensor, node for node,
+    and TensorRT-RTX parses the same network I/O from both."""
+    pytest.importorskip("tensorrt_rtx")
+    from vggt_trt.pipelines import convert as cv
+
+    work = tmp_path / "new"
+    work.mkdir()
+    raw = externalise(tiny_pcd_onnx, work / "g.onnx")
+    old = _old_pipeline(raw, tmp_path / "old")
+    noseq = Path(cv.stage_remove_sequences(raw, work / "g.NOSEQ.onnx", 18)["path"])
+    res = simp.simplify(noseq, work / "g.simp.onnx", large_model_bytes=1)
+    assert res.status == "simplified", res.reason
+    new = work / "g_fp16.onnx"
+    cv.stage_cast(Path(res.path), new, "fp16", cv.spec_from_onnx(raw), verify=False)
+    assert locations(noseq) == locations(Path(res.path)) == {"g.onnx.data"}  # one copy of the weights
+    assert not (work / "g.NOSEQ.onnx.data").exists() and not (work / "g.simp.onnx.data").exists()
+    old_model, new_model = onnx.load(str(old)), onnx.load(str(new))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in new_model.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in old_model.graph.node]
+    before, after = tensors_by_name(old), tensors_by_name(new)
+    assert before.keys() == after.keys() and all(after[k] == before[k] for k in before)
+    onnx.checker.check_model(str(new))
+    assert _network_io(new) == _network_io(old)
+
+
+def test_drop_intermediates_never_deletes_data_a_kept_graph_uses(toy_ext, tmp_path):
+    from vggt_trt.pipelines import convert as cv
+
+    raw = externalise(toy_ext, tmp_path / "s.onnx")
+    cv.stage_remove_sequences(raw, tmp_path / "s.NOSEQ.onnx", 18)
+    simp.simplify(tmp_path / "s.NOSEQ.onnx", tmp_path / "s.simp.onnx", large_model_bytes=1)
+    # fp32: the .simp graph is final, so the raw graph's data it references stays
+    removed = cv.drop_intermediates(tmp_path, "s", raw, [{"onnx": {"path": str(tmp_path / "s.simp.onnx")}}])
+    assert sorted(p.name for p in removed) == ["s.NOSEQ.onnx", "s.onnx"]
+    assert tensors_by_name(tmp_path / "s.simp.onnx")  # still loads: s.onnx.data kept
+    # a final graph with its own data: the shared data file goes with the last graph that used it
+    from vggt_trt.graph import precision_cast as pc
+
+    pc.cast_precision_file(tmp_path / "s.simp.onnx", tmp_path / "s_fp16.onnx", "fp16")
+    removed = cv.drop_intermediates(tmp_path, "s", None, [{"onnx": {"path": str(tmp_path / "s_fp16.onnx")}}])
+    assert sorted(p.name for p in removed) == ["s.onnx.data", "s.simp.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s_fp16.onnx", "s_fp16.onnx.data"]

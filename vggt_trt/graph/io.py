@@ -291,6 +291,25 @@ def copy_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return write_streamed(load_onnx(src_p, load_external_data=False), src_p.parent, dst_p)
 
 
+def remove_graphs(graphs: list[Path]) -> list[Path]:
+    """Delete the ONNX files ``graphs``, then each of their external data files that no graph left in its folder
+    references (a data file a kept graph uses is never deleted); returns the paths deleted."""
+    data = {f.resolve() for g in graphs if g.is_file() for f in external_data_files(g)}
+    removed = []
+    for g in graphs:
+        if g.is_file():
+            g.unlink()
+            removed.append(g)
+    still_used: set[Path] = set()
+    for folder in {d.parent for d in data}:
+        still_used |= referenced_data_files(folder)
+    for d in sorted(data - still_used):
+        if d.is_file():
+            d.unlink()
+            removed.append(d)
+    return removed
+
+
 def onnx_sha256(path: str | os.PathLike) -> str:
     """SHA-256 over the .onnx file followed by each external data file it references (in name order)."""
     p = check_file(path)

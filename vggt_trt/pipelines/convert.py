@@ -28,7 +28,7 @@ from ..atomic import write_json_atomic
 from ..errors import AccuracyError, BuildError, GraphError, InputError, MissingDependencyError
 from ..graph.export import ExportSpec, export_onnx
 from ..graph.io import (EXTERNAL_DATA_THRESHOLD, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256,
-                        save_onnx, save_sharing)
+                        remove_graphs, save_onnx, save_sharing)
 from ..graph.ort import assert_accuracy, compare_onnx_ort
 from ..graph.precision_cast import cast_precision_file
 from ..graph.qdq import has_activation_qdq, strip_activation_qdq
@@ -91,6 +91,7 @@ class ConvertOptions:
     calib_cpu: bool = False
     int8_calibrator: bool = False  # TensorRT 10 only: IInt8EntropyCalibrator2 + calibration cache instead of Q/DQ
     verify: bool | None = None  # None: verify when the graph is small enough for CPU
+    keep_intermediate: bool = False  # keep the raw, .NOSEQ and .simp graphs that are not a final graph
     timings: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -487,7 +488,23 @@ def convert(opts: ConvertOptions) -> list[dict[str, Any]]:
         logger.info("stage export             skipped: using --onnx-in %s (%s)", raw, spec.stem)
         shared["export"] = {"skipped": f"--onnx-in {raw}"}
     final, large = clean_graph(raw, spec.stem, opts, timings, shared, spec)
-    return convert_precisions(opts, spec, final, timings, shared, large)
+    reports = convert_precisions(opts, spec, final, timings, shared, large)
+    if not opts.keep_intermediate:
+        drop_intermediates(out, spec.stem, raw if opts.export else None, reports)
+    return reports
+
+
+def drop_intermediates(out: Path, stem: str, exported: Path | None, reports: list[dict[str, Any]]) -> list[Path]:
+    """Delete the intermediate graphs of ``stem`` (the raw export when this run made it, .NOSEQ, .simp) that no
+    report names as its final graph, and the data files no graph left in ``out`` references."""
+    keep = {Path(r["onnx"]["path"]).resolve() for r in reports}
+    candidates = [p for p in (exported, out / f"{stem}.NOSEQ.onnx", out / f"{stem}.simp.onnx")
+                  if p is not None and p.resolve() not in keep]
+    removed = remove_graphs(candidates)
+    if removed:
+        logger.info("removed intermediate files (--keep-intermediate keeps them): %s",
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def clean_graph(raw: Path, stem: str, opts: ConvertOptions, timings: dict[str, float],
