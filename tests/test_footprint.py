@@ -214,3 +214,48 @@ def test_drop_intermediates_never_deletes_data_a_kept_graph_uses(toy_ext, tmp_pa
     removed = cv.drop_intermediates(tmp_path, "s", None, [{"onnx": {"path": str(tmp_path / "s_fp16.onnx")}}])
     assert sorted(p.name for p in removed) == ["s.onnx.data", "s.simp.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s_fp16.onnx", "s_fp16.onnx.data"]
+
+
+# ------------------------------------------------------------------ free disk before each stage, disk full while writing
+def test_a_stage_is_refused_before_work_when_the_disk_is_too_small(toy_ext, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from vggt_trt.errors import InputError
+    from vggt_trt.pipelines import convert as cv
+
+    raw = externalise(toy_ext, tmp_path / "s.onnx")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12, 1000))
+    with pytest.raises(InputError, match=rf"not enough free disk in {tmp_path} for s_fp16.onnx: needs about"):
+        cv.stage_cast(raw, tmp_path / "s_fp16.onnx", "fp16", None, False)
+    assert not (tmp_path / "s_fp16.onnx").exists()
+    # a large graph: the structure-only pass beside its data needs only the header's bytes, elsewhere a copy
+    monkeypatch.setattr(cv, "EXTERNAL_DATA_THRESHOLD", 1)
+    assert cv._pass_writes(raw, tmp_path / "s.NOSEQ.onnx")[1] == raw.stat().st_size + cv.WRITE_SLACK
+    assert cv._pass_writes(raw, tmp_path / "elsewhere" / "s.NOSEQ.onnx")[1] == io.graph_bytes(raw) + cv.WRITE_SLACK
+
+
+def test_disk_full_while_writing_is_one_line_naming_the_artifact(toy_ext, tmp_path, monkeypatch, caplog):
+    import errno
+
+    import vggt_to_trt
+    from vggt_trt.errors import InputError
+    from vggt_trt.graph import precision_cast as pc
+    from vggt_trt.pipelines import convert as cv
+
+    raw = externalise(toy_ext, tmp_path / "s.onnx")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
+
+    monkeypatch.setattr(pc, "write_streamed", full)
+    with pytest.raises(InputError, match=r"^disk full writing .*s_fp16\.onnx \(needs about \d+\.\d+ GB"):
+        cv.stage_cast(raw, tmp_path / "s_fp16.onnx", "fp16", None, False)
+    # through the command line (the cast stage's write fails): exit 2 and one line (run_cli), no traceback
+    tiny = tmp_path / "tiny"
+    assert vggt_to_trt.main(["--export", "--model-name", "tiny", "--num-cams", "2", "--height", "28", "--width", "28",
+                             "--pcd-only", "--skip-build", "--output-dir", str(tiny), "--log-dir",
+                             str(tmp_path / "logs")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("disk full writing") and "\n" not in errors[0], errors
