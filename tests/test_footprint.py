@@ -259,3 +259,25 @@ def test_disk_full_while_writing_is_one_line_naming_the_artifact(toy_ext, tmp_pa
                              str(tmp_path / "logs")]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("disk full writing") and "\n" not in errors[0], errors
+
+
+def test_the_engine_plan_is_streamed_to_its_file_and_a_write_error_surfaces(tmp_path):
+    import errno
+    import types
+
+    from vggt_trt.trt import build as tbuild
+
+    class Writer:  # the shape of trt.IStreamWriter
+        def __init__(self):
+            pass
+
+    class Builder:
+        def build_serialized_network_to_stream(self, network, config, writer):
+            return writer.write(b"plan-" * 30000) > 0 and writer.write(b"end") > 0
+
+    trt = types.SimpleNamespace(IStreamWriter=Writer)
+    assert tbuild._build_to_file(trt, Builder(), None, None, tmp_path / "e.engine")
+    assert (tmp_path / "e.engine").read_bytes() == b"plan-" * 30000 + b"end"
+    with pytest.raises(OSError) as info:  # /dev/full: every write fails with ENOSPC
+        tbuild._build_to_file(trt, Builder(), None, None, Path("/dev/full"))
+    assert info.value.errno == errno.ENOSPC
