@@ -336,7 +336,7 @@ def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
     """Rewrite sequence ops into tensor ops and repair the opset; writes ``dst`` (.NOSEQ.onnx).
 
     The pass never changes weights: ``dst`` holds the graph structure only and references the external
-    data file of ``src`` (a hard link of it when ``dst`` is in another folder), so a 4.6 GB graph is
+    data file of ``src`` (a streamed copy when ``dst`` is in another folder), so a 4.6 GB graph is
     neither loaded nor copied. A small graph with sequence ops is rewritten in memory (shape inference).
     """
     structure = load_onnx(src, load_external_data=False)
