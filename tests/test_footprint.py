@@ -281,3 +281,18 @@ def test_the_engine_plan_is_streamed_to_its_file_and_a_write_error_surfaces(tmp_
     with pytest.raises(OSError) as info:  # /dev/full: every write fails with ENOSPC
         tbuild._build_to_file(trt, Builder(), None, None, Path("/dev/full"))
     assert info.value.errno == errno.ENOSPC
+
+
+def test_simplify_memory_guard_counts_the_structure_of_a_large_graph(toy_ext, tmp_path, monkeypatch):
+    """Structure-only simplification needs memory for the .onnx file, not for the weights beside it."""
+    src = externalise(toy_ext, tmp_path / "g.onnx")
+    (tmp_path / "g.onnx.data").open("ab").truncate(8 << 30)  # a sparse 8 GiB of "weights": never read
+    large = simp.simplify_memory_needed(src, large=True)
+    assert large == simp.SIMPLIFY_MEMORY_BASE + int(simp.SIMPLIFY_MEMORY_FACTOR * src.stat().st_size)
+    assert simp.simplify_memory_needed(src, large=False) > simp.SIMPLIFY_MEMORY_FACTOR * (8 << 30)
+    monkeypatch.setattr(simp, "available_memory", lambda: large - 1)
+    short = simp.simplify(src, tmp_path / "g.simp.onnx", large_model_bytes=1)
+    assert short.status == "skipped" and "available" in short.reason
+    assert locations(tmp_path / "g.simp.onnx") == {"g.onnx.data"}  # the unsimplified graph, sharing the data
+    monkeypatch.setattr(simp, "available_memory", lambda: large)
+    assert simp.simplify(src, tmp_path / "g.simp.onnx", large_model_bytes=1).status != "skipped"

@@ -39,11 +39,13 @@ class SimplifyResult:
         return asdict(self)
 
 
-# Large graphs are simplified on their structure only (weights stay on disk): onnxslim's peak is then a
-# multiple of the .onnx header (graph structure and small inline constants), not of the weights. Factor and
-# base from the full-size VGGT-1B pcd-only graph (docs/BENCHMARKS.md, issue 16), with margin.
-SIMPLIFY_MEMORY_FACTOR = 3.2  # of the bytes held in memory: the .onnx file (external data excluded)
-SIMPLIFY_MEMORY_BASE = 1 << 30  # interpreter, onnx, onnxslim, onnx-graphsurgeon
+# Large graphs are simplified on their structure only (weights stay on disk): onnxslim's peak is then set by
+# the .onnx file (graph structure and small inline constants), not by the weights. Measured on the full-size
+# VGGT-1B pcd-only graph (docs/BENCHMARKS.md, issue 16): 0.47 GiB stage peak for an 8.6 MB .onnx beside a
+# 4.6 GB data file (onnxslim read 975 small constants, 23 MB); loaded whole (main before issue 16) the same
+# graph took 13.45 GiB, 2.9x its size. Needed: base + factor x the bytes held in memory, about 2x the peak.
+SIMPLIFY_MEMORY_FACTOR = 3.2  # of the bytes held in memory: the .onnx file, or the whole graph when small
+SIMPLIFY_MEMORY_BASE = 1 << 30  # interpreter, onnx, onnxslim, onnx-graphsurgeon and the constants they read
 
 
 def simplify_memory_needed(src: Path, large: bool) -> int:
