@@ -206,7 +206,7 @@ def test_all_precisions_from_one_export(tmp_path):
     calib = _scene_images(tmp_path / "calib")
     out = tmp_path / "o"
     assert run(["--export", *TINY, "--pcd-only", "--all-precisions", "--calib-data", str(calib),
-                "--calib-batches", "2", "--output-dir", str(out)], tmp_path) == 0
+                "--calib-batches", "2", "--output-dir", str(out), "--keep-intermediate"], tmp_path) == 0
     stem = "vggt-2x3x56x70-pcd"
     for precision in ("fp16", "bf16", "fp8", "int8", "int4"):
         report = _assert_report(out, stem, precision, built=True)
