@@ -38,7 +38,7 @@ def tensors_by_name(path: Path) -> dict[str, bytes]:
 
 def locations(path: Path) -> set[str]:
     model = onnx.load(str(path), load_external_data=False)
-    return {external_data_helper.ExternalDataInfo(t).location for t in io._all_tensors(model)
+    return {external_data_helper.ExternalDataInfo(t).location for t in io.all_tensors(model)
             if external_data_helper.uses_external_data(t)}
 
 
@@ -131,7 +131,7 @@ def test_streamed_cast_reports_clipped_values(tmp_path):
         "values_clipped"]
 
 
-# ------------------------------------------------------------------ the tiny VGGT graph, today's pipeline against this one
+# --------------------------------------------------------- the tiny VGGT graph: today's pipeline against this one
 def _old_pipeline(raw: Path, out: Path) -> Path:
     """What main did to a large graph (weights loaded at every step): streamed copy + header repair, onnxslim on
     the loaded graph saved with its own data file, the in-memory cast saved with its own data file."""
@@ -216,7 +216,7 @@ def test_drop_intermediates_never_deletes_data_a_kept_graph_uses(toy_ext, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s_fp16.onnx", "s_fp16.onnx.data"]
 
 
-# ------------------------------------------------------------------ free disk before each stage, disk full while writing
+# --------------------------------------------------------- free disk before each stage, disk full while writing
 def test_a_stage_is_refused_before_work_when_the_disk_is_too_small(toy_ext, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple

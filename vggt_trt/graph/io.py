@@ -65,7 +65,7 @@ def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from subgraphs(g)
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Initializers and tensor attributes (Constant values) of every graph."""
     for g in subgraphs(model.graph):
         yield from g.initializer
@@ -88,11 +88,11 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by initializers and Constant attributes (in memory or external), all subgraphs included."""
-    return sum(_tensor_nbytes(t) for t in _all_tensors(model))
+    return sum(_tensor_nbytes(t) for t in all_tensors(model))
 
 
 def _unloaded_external(model: onnx.ModelProto) -> list[str]:
-    return [t.name for t in _all_tensors(model)
+    return [t.name for t in all_tensors(model)
             if external_data_helper.uses_external_data(t) and not t.HasField("raw_data")]
 
 
@@ -181,7 +181,7 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     p = check_file(path)
     model = load_onnx(p, load_external_data=False)
     names = set()
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if external_data_helper.uses_external_data(t):
             names.add(external_data_helper.ExternalDataInfo(t).location)
     return [p.parent / n for n in sorted(names)]
@@ -224,7 +224,7 @@ def _write_streamed_data(model: onnx.ModelProto, src_dir: Path, data_file: Path,
                          transforms: dict[str, Callable[[bytes], bytes]]) -> int:
     """Write every external tensor of ``model`` (read from its file under ``src_dir``) into ``data_file`` and
     point the tensor there; returns the number of tensors written."""
-    external = [t for t in _all_tensors(model) if external_data_helper.uses_external_data(t)]
+    external = [t for t in all_tensors(model) if external_data_helper.uses_external_data(t)]
     if not external:
         return 0
     handles: dict[str, Any] = {}
@@ -277,7 +277,7 @@ def save_sharing(model: onnx.ModelProto, src_dir: str | os.PathLike, dst: str | 
         move_into_place(tmp_dir, dst_p)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    shared = sorted({external_data_helper.ExternalDataInfo(t).location for t in _all_tensors(model)
+    shared = sorted({external_data_helper.ExternalDataInfo(t).location for t in all_tensors(model)
                      if external_data_helper.uses_external_data(t)})
     logger.info("saved %s (graph structure only; tensors stay in %s)", dst_p, ", ".join(shared) or "the graph")
     return dst_p

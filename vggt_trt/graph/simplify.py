@@ -16,8 +16,8 @@ from onnx import external_data_helper
 
 from ..errors import GraphError, InputError
 from ..resources import available_memory
-from .io import (EXTERNAL_DATA_THRESHOLD, _all_tensors, check_file, copy_onnx, graph_bytes, load_onnx, node_count, save_onnx,
-                 save_sharing)
+from .io import (EXTERNAL_DATA_THRESHOLD, all_tensors, check_file, copy_onnx, graph_bytes, load_onnx, node_count,
+                 save_onnx, save_sharing)
 from .passes import log_pass
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def inline_copy(tensor: onnx.TensorProto) -> onnx.TensorProto:
 def fix_inline_flags(model: onnx.ModelProto) -> int:
     """Mark tensors that carry their bytes inline (``raw_data``, no location) as inline; returns how many."""
     fixed = 0
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data:
             t.data_location = onnx.TensorProto.DEFAULT
             fixed += 1
@@ -156,9 +156,9 @@ def fix_inline_flags(model: onnx.ModelProto) -> int:
 def restore_external(model: onnx.ModelProto, source: onnx.ModelProto, base_dir: Path) -> int:
     """Turn tensors of ``model`` that onnxslim loaded and wrote inline back into references to the external data
     of ``source`` (same name, dtype, dims and bytes); returns how many. Bytes that differ stay inline."""
-    refs = {t.name: t for t in _all_tensors(source) if external_data_helper.uses_external_data(t)}
+    refs = {t.name: t for t in all_tensors(source) if external_data_helper.uses_external_data(t)}
     restored = 0
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         ref = refs.get(t.name)
         if ref is None or not t.HasField("raw_data") or t.data_type != ref.data_type or list(t.dims) != list(ref.dims):
             continue
