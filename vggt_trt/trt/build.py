@@ -485,7 +485,7 @@ def _build_to_file(trt: Any, builder: Any, network: Any, config: Any, path: Path
     (``build_serialized_network_to_stream``: the plan never sits whole in host memory), else via host memory."""
     with open(path, "wb") as f:
         if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
-            writer = _FileWriter(trt, f)
+            writer = _file_writer(trt, f)
             built = bool(builder.build_serialized_network_to_stream(network, config, writer))
             if writer.error is not None:  # e.g. disk full: the cause, not "could not build"
                 raise writer.error
@@ -497,7 +497,7 @@ def _build_to_file(trt: Any, builder: Any, network: Any, config: Any, path: Path
         return True
 
 
-def _FileWriter(trt: Any, f: Any) -> Any:  # noqa: N802 - a class made for the TensorRT module in use
+def _file_writer(trt: Any, f: Any) -> Any:
     """An ``IStreamWriter`` of module ``trt`` that appends what TensorRT hands it to the open file ``f``."""
     class FileWriter(trt.IStreamWriter):
         def __init__(self) -> None:
