@@ -231,9 +231,12 @@ def test_a_stage_is_refused_before_work_when_the_disk_is_too_small(toy_ext, tmp_
         cv.stage_cast(raw, tmp_path / "s_fp16.onnx", "fp16", None, False)
     assert not (tmp_path / "s_fp16.onnx").exists()
     # a large graph: the structure-only pass beside its data needs only the header's bytes, elsewhere a copy
-    monkeypatch.setattr(cv, "EXTERNAL_DATA_THRESHOLD", 1)
-    assert cv._pass_writes(raw, tmp_path / "s.NOSEQ.onnx")[1] == raw.stat().st_size + cv.WRITE_SLACK
-    assert cv._pass_writes(raw, tmp_path / "elsewhere" / "s.NOSEQ.onnx")[1] == io.graph_bytes(raw) + cv.WRITE_SLACK
+    from vggt_trt.pipelines import disk
+
+    monkeypatch.setattr(disk, "EXTERNAL_DATA_THRESHOLD", 1)
+    assert disk.pass_writes(raw, tmp_path / "s.NOSEQ.onnx")[1] == raw.stat().st_size + disk.WRITE_SLACK
+    assert disk.pass_writes(raw, tmp_path / "elsewhere" / "s.NOSEQ.onnx")[1] == \
+        io.graph_bytes(raw) + disk.WRITE_SLACK
 
 
 def test_disk_full_while_writing_is_one_line_naming_the_artifact(toy_ext, tmp_path, monkeypatch, caplog):

@@ -8,7 +8,6 @@ over them. ``spec`` is any export config with ``stem``, ``input_name``, ``input_
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata as md
 import logging
 import multiprocessing as mp
@@ -44,8 +43,9 @@ from ..quant.calib import CalibrationSet, calibration_set
 from ..quant.modes import ACTIVATION_QUANT_MODES, apply_quant_mode, finalize_quant_mode_graph
 from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
 from ..quant.trt10_calibrator import make_entropy_calibrator
-from ..resources import disk_budget
 from ..views import ViewRange
+from .disk import (WRITE_SLACK, build_writes, cast_writes, pass_writes, quantize_writes, simplify_writes,
+                   writes)
 # modules, not names: tests (and users) swap import_tensorrt / build_engine on them
 from ..trt import backend as trt_backend
 from ..trt import build as trt_build
@@ -264,55 +264,8 @@ def calibration_providers(calib_cpu: bool) -> tuple[str, ...]:
     return ("cpu",)
 
 
-# Bytes a stage writes besides its tensors (graph structure, report, timing cache), added to each estimate.
-WRITE_SLACK = 64 << 20
-# Weight bytes of a fp16/bf16 graph over its fp32 source (norms and a few heads stay fp32): 2.75 / 4.6 GB.
-CAST_BYTES_RATIO = 0.6
-
-
-def writes(estimate: Callable[..., tuple[Path, int]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Stage decorator: ``estimate(*args)`` gives the artifact the stage writes and about how many bytes; the
-    free disk is checked before the stage starts, and a disk-full error while it writes becomes one line."""
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def stage(*args: Any, **kwargs: Any) -> Any:
-            target, needed = estimate(*args, **kwargs)
-            with disk_budget(target, needed):
-                return fn(*args, **kwargs)
-        return stage
-    return wrap
-
-
-def _graph_pass_bytes(src: Path, dst: Path) -> int:
-    """A pass that keeps the weights: the structure beside a large graph's data, else a whole copy."""
-    whole = graph_bytes(src)
-    if whole > EXTERNAL_DATA_THRESHOLD and src.parent.resolve() == dst.parent.resolve():
-        return src.stat().st_size + WRITE_SLACK
-    return whole + WRITE_SLACK
-
-
 def _export_writes(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> tuple[Path, int]:
     return dst, model_weight_bytes(opts.model_name) + WRITE_SLACK
-
-
-def _pass_writes(src: Path, dst: Path, *args: Any) -> tuple[Path, int]:
-    return dst, _graph_pass_bytes(src, dst)
-
-
-def _simplify_writes(src: Path, dst: Path, skip: bool) -> tuple[Path, int]:
-    return dst, 0 if skip else _graph_pass_bytes(src, dst)
-
-
-def _cast_writes(src: Path, dst: Path, *args: Any) -> tuple[Path, int]:
-    return dst, int(CAST_BYTES_RATIO * graph_bytes(src)) + WRITE_SLACK
-
-
-def _quantize_writes(src: Path, dst: Path, *args: Any) -> tuple[Path, int]:
-    return dst, graph_bytes(src) + WRITE_SLACK
-
-
-def _build_writes(onnx_path: Path, engine_path: Path, *args: Any) -> tuple[Path, int]:
-    return engine_path, graph_bytes(onnx_path) + WRITE_SLACK  # an engine holds about the graph's weights
 
 
 @writes(_export_writes)
@@ -331,7 +284,7 @@ def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str,
     return report
 
 
-@writes(_pass_writes)
+@writes(pass_writes)
 def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
     """Rewrite sequence ops into tensor ops and repair the opset; writes ``dst`` (.NOSEQ.onnx).
 
@@ -361,7 +314,7 @@ def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
             "nodes_after": node_count(header)}
 
 
-@writes(_simplify_writes)
+@writes(simplify_writes)
 def stage_simplify(src: Path, dst: Path, skip: bool) -> dict[str, Any]:
     return simplify(src, dst, skip=skip).to_dict()
 
@@ -393,7 +346,7 @@ def without_activation_qdq(src: Path, dst: Path, tmp: Path) -> tuple[Path, Path,
     return tmp / "ref.onnx", tmp / "test.onnx", stripped
 
 
-@writes(_cast_writes)
+@writes(cast_writes)
 def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: bool) -> dict[str, Any]:
     """fp16/bf16 strongly typed graph, checked against the fp32 graph with ONNX Runtime (or the reference evaluator)."""
     summary = cast_precision_file(src, dst, precision)  # streams the weights: never two copies in memory
@@ -424,7 +377,7 @@ def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: b
     return report
 
 
-@writes(_quantize_writes)
+@writes(quantize_writes)
 def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts: ConvertOptions,
                    verify: bool, random_weights: bool) -> dict[str, Any]:
     """Q/DQ graph (ModelOpt ONNX PTQ) calibrated on ``--calib-data``, with its accuracy table."""
@@ -440,7 +393,7 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
     return report
 
 
-@writes(_build_writes)
+@writes(build_writes)
 def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: ConvertOptions,
                 profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build one engine; ``profile`` (input -> (min, opt, max) shapes) for a graph with a dynamic view axis."""
