@@ -299,3 +299,13 @@ def test_simplify_memory_guard_counts_the_structure_of_a_large_graph(toy_ext, tm
     assert locations(tmp_path / "g.simp.onnx") == {"g.onnx.data"}  # the unsimplified graph, sharing the data
     monkeypatch.setattr(simp, "available_memory", lambda: large)
     assert simp.simplify(src, tmp_path / "g.simp.onnx", large_model_bytes=1).status != "skipped"
+
+
+def test_disk_estimates_take_the_stage_arguments_by_keyword_too(toy_ext, tmp_path):
+    """A stage called with keywords (as a user may) reaches its estimate with the same keywords."""
+    from vggt_trt.pipelines import disk
+
+    for estimate in (disk.pass_writes, disk.cast_writes, disk.quantize_writes):
+        assert estimate(toy_ext, tmp_path / "x.onnx", verify=False)[0] == tmp_path / "x.onnx"
+    assert disk.simplify_writes(toy_ext, tmp_path / "x.onnx", skip=True) == (tmp_path / "x.onnx", 0)
+    assert disk.build_writes(toy_ext, tmp_path / "x.engine", profile=None)[0] == tmp_path / "x.engine"

@@ -36,7 +36,7 @@ def graph_pass_bytes(src: Path, dst: Path) -> int:
     return whole + WRITE_SLACK
 
 
-def pass_writes(src: Path, dst: Path, *args: Any) -> tuple[Path, int]:
+def pass_writes(src: Path, dst: Path, *args: Any, **kwargs: Any) -> tuple[Path, int]:
     return dst, graph_pass_bytes(src, dst)
 
 
@@ -44,13 +44,13 @@ def simplify_writes(src: Path, dst: Path, skip: bool) -> tuple[Path, int]:
     return dst, 0 if skip else graph_pass_bytes(src, dst)
 
 
-def cast_writes(src: Path, dst: Path, *args: Any) -> tuple[Path, int]:
+def cast_writes(src: Path, dst: Path, *args: Any, **kwargs: Any) -> tuple[Path, int]:
     return dst, int(CAST_BYTES_RATIO * graph_bytes(src)) + WRITE_SLACK
 
 
-def quantize_writes(src: Path, dst: Path, *args: Any) -> tuple[Path, int]:
+def quantize_writes(src: Path, dst: Path, *args: Any, **kwargs: Any) -> tuple[Path, int]:
     return dst, graph_bytes(src) + WRITE_SLACK
 
 
-def build_writes(onnx_path: Path, engine_path: Path, *args: Any) -> tuple[Path, int]:
+def build_writes(onnx_path: Path, engine_path: Path, *args: Any, **kwargs: Any) -> tuple[Path, int]:
     return engine_path, graph_bytes(onnx_path) + WRITE_SLACK  # an engine holds about the graph's weights
