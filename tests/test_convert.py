@@ -22,7 +22,8 @@ def run(args: list[str], tmp_path: Path) -> int:
 def exported(tmp_path_factory) -> Path:
     """One fp16 conversion with export; later tests reuse its raw graph through --onnx-in."""
     out = tmp_path_factory.mktemp("convert")
-    assert run(["--export", *TINY, "--precision", "fp16", "--output-dir", str(out), "--skip-build"], out) == 0
+    assert run(["--export", *TINY, "--precision", "fp16", "--output-dir", str(out), "--skip-build",
+                "--keep-intermediate"], out) == 0
     return out
 
 
@@ -40,20 +41,23 @@ def _assert_report(out: Path, stem: str, precision: str, built: bool) -> dict:
 
 
 @needs_rtx
-@pytest.mark.parametrize("precision,pcd", [("fp16", False), ("bf16", True), ("fp32", False)])
-def test_every_artifact_is_produced(tmp_path, precision, pcd):
+@pytest.mark.parametrize("precision,pcd,keep", [("fp16", False, True), ("bf16", True, False), ("fp32", False, False)])
+def test_every_artifact_is_produced(tmp_path, precision, pcd, keep):
     args = ["--export", *TINY, "--precision", precision, "--output-dir", str(tmp_path)] + (["--pcd-only"] if pcd else [])
-    assert run(args, tmp_path) == 0
+    assert run(args + (["--keep-intermediate"] if keep else []), tmp_path) == 0
     stem = "vggt-2x3x56x70" + ("-pcd" if pcd else "")
-    names = [f"{stem}.onnx", f"{stem}.NOSEQ.onnx", f"{stem}.simp.onnx", f"{stem}_{precision}.engine", f"{stem}_{precision}.json"]
-    if precision != "fp32":
-        names.append(f"{stem}_{precision}.onnx")
+    final_name = f"{stem}_{precision}.onnx" if precision != "fp32" else f"{stem}.simp.onnx"
+    intermediate = [f"{stem}.onnx", f"{stem}.NOSEQ.onnx", f"{stem}.simp.onnx"]
+    names = [final_name, f"{stem}_{precision}.engine", f"{stem}_{precision}.json"] + (intermediate if keep else [])
     for name in names:
         assert (tmp_path / name).is_file(), name
+    if not keep:  # by default only the final graph stays: a fp32 run keeps its .simp graph, which is final
+        assert sorted(p.name for p in tmp_path.glob("*.onnx*")) == [final_name], list(tmp_path.iterdir())
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
     for graph in (f"{stem}.NOSEQ.onnx", f"{stem}.simp.onnx"):
-        assert_no_sequence_ops(onnx.load(str(tmp_path / graph)))
-    final = onnx.load(str(tmp_path / (f"{stem}_{precision}.onnx" if precision != "fp32" else f"{stem}.simp.onnx")))
+        if (tmp_path / graph).is_file():
+            assert_no_sequence_ops(onnx.load(str(tmp_path / graph)))
+    final = onnx.load(str(tmp_path / final_name))
     outputs = [o.name for o in final.graph.output]
     assert outputs == (["pose_enc", "depth", "depth_conf"] + ([] if pcd else ["world_points", "world_points_conf"]))
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in final.graph.output)
@@ -202,7 +206,7 @@ def test_all_precisions_from_one_export(tmp_path):
     calib = _scene_images(tmp_path / "calib")
     out = tmp_path / "o"
     assert run(["--export", *TINY, "--pcd-only", "--all-precisions", "--calib-data", str(calib),
-                "--calib-batches", "2", "--output-dir", str(out)], tmp_path) == 0
+                "--calib-batches", "2", "--output-dir", str(out), "--keep-intermediate"], tmp_path) == 0
     stem = "vggt-2x3x56x70-pcd"
     for precision in ("fp16", "bf16", "fp8", "int8", "int4"):
         report = _assert_report(out, stem, precision, built=True)

@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--export", action="store_true", help="export VGGT to ONNX first (otherwise use --onnx-in)")
     io.add_argument("--onnx-in", type=Path, help="existing VGGT ONNX graph (skips export)")
     io.add_argument("--output-dir", type=Path, default=Path("onnx_exports"), help="artifacts (default: onnx_exports)")
+    io.add_argument("--keep-intermediate", action="store_true",
+                    help="keep the raw, .NOSEQ and .simp graphs (default: removed after a successful run unless one "
+                         "is the final graph; they share one external data file)")
     io.add_argument("--log-dir", type=Path, default=Path("logs"), help="run logs (default: logs)")
     geo = p.add_argument_group("model geometry")
     geo.add_argument("--num-cams", type=POSITIVE_INT,
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             compute_capabilities=tuple(args.compute_capabilities), calib_data=args.calib_data,
             calib_batches=args.calib_batches, calib_seed=args.calib_seed, calib_cpu=args.calib_cpu,
             int8_calibrator=args.int8_calibrator,
-            verify=args.verify,
+            verify=args.verify, keep_intermediate=args.keep_intermediate,
         )
         for report in convert(opts):
             logging.getLogger("vggt_to_trt").info(

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -65,7 +65,7 @@ def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                     yield from subgraphs(g)
 
 
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Initializers and tensor attributes (Constant values) of every graph."""
     for g in subgraphs(model.graph):
         yield from g.initializer
@@ -88,23 +88,48 @@ def _tensor_nbytes(t: onnx.TensorProto) -> int:
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by initializers and Constant attributes (in memory or external), all subgraphs included."""
-    return sum(_tensor_nbytes(t) for t in _all_tensors(model))
+    return sum(_tensor_nbytes(t) for t in all_tensors(model))
 
 
 def _unloaded_external(model: onnx.ModelProto) -> list[str]:
-    return [t.name for t in _all_tensors(model)
+    return [t.name for t in all_tensors(model)
             if external_data_helper.uses_external_data(t) and not t.HasField("raw_data")]
 
 
 def move_into_place(tmp_dir: Path, target: Path) -> None:
-    """Rename the data files first and the .onnx last, then drop a stale data file the new graph does not use."""
+    """Rename the data files first and the .onnx last, then drop a stale data file the new graph does not use
+    (never one that another graph in the folder still references)."""
     names = sorted((p.name for p in tmp_dir.iterdir()), key=lambda n: n == target.name)
     for name in names:
         os.replace(tmp_dir / name, target.parent / name)
     stale = target.parent / f"{target.name}.data"
-    if f"{target.name}.data" not in names and stale.is_file():
-        stale.unlink()
-        logger.debug("removed %s: the new %s keeps its tensors inline", stale.name, target.name)
+    if f"{target.name}.data" in names or not stale.is_file():
+        return
+    if stale.resolve() in referenced_data_files(target.parent):
+        logger.debug("kept %s: another graph in %s references it", stale.name, target.parent)
+        return
+    stale.unlink()
+    logger.debug("removed %s: the new %s does not use it", stale.name, target.name)
+
+
+# .onnx files above this size are not read when looking for graphs that reference a data file: a graph with
+# external data is a small header (megabytes), and reading multi-GB single-file graphs would cost GBs of memory.
+HEADER_SCAN_MAX_BYTES = 256 << 20
+
+
+def referenced_data_files(folder: Path, exclude: frozenset[Path] = frozenset()) -> set[Path]:
+    """Resolved paths of the external data files that the ``*.onnx`` graphs in ``folder`` (not in ``exclude``,
+    not hidden temporaries) reference."""
+    found: set[Path] = set()
+    skip = {p.resolve() for p in exclude}
+    for graph in folder.glob("*.onnx"):
+        if graph.name.startswith(".") or graph.resolve() in skip or graph.stat().st_size > HEADER_SCAN_MAX_BYTES:
+            continue
+        try:
+            found.update(f.resolve() for f in external_data_files(graph))
+        except (GraphError, OSError) as exc:  # an unreadable graph references nothing we can name
+            logger.debug("not scanned for data references: %s (%s)", graph, exc)
+    return found
 
 
 def save_onnx(
@@ -156,7 +181,7 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     p = check_file(path)
     model = load_onnx(p, load_external_data=False)
     names = set()
-    for t in _all_tensors(model):
+    for t in all_tensors(model):
         if external_data_helper.uses_external_data(t):
             names.add(external_data_helper.ExternalDataInfo(t).location)
     return [p.parent / n for n in sorted(names)]
@@ -176,48 +201,113 @@ def graph_bytes(path: str | os.PathLike) -> int:
     return p.stat().st_size + sum(f.stat().st_size for f in external_data_files(p) if f.is_file())
 
 
+def _stream_tensor(src: Any, out: Any, info: Any, transform: Callable[[bytes], bytes] | None) -> tuple[int, int]:
+    """Copy one external tensor's bytes from the open file ``src`` to ``out`` (4 KiB aligned), through
+    ``transform`` when given; returns (offset, length) in ``out``."""
+    src.seek(info.offset or 0)
+    out.write(b"\0" * ((-out.tell()) % 4096))
+    offset = out.tell()
+    if transform is not None:
+        out.write(transform(src.read() if info.length is None else src.read(info.length)))
+        return offset, out.tell() - offset
+    remaining = info.length
+    while remaining is None or remaining > 0:
+        chunk = src.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
+        if not chunk:
+            break
+        out.write(chunk)
+        remaining = None if remaining is None else remaining - len(chunk)
+    return offset, out.tell() - offset
+
+
+def _write_streamed_data(model: onnx.ModelProto, src_dir: Path, data_file: Path,
+                         transforms: dict[str, Callable[[bytes], bytes]]) -> int:
+    """Write every external tensor of ``model`` (read from its file under ``src_dir``) into ``data_file`` and
+    point the tensor there; returns the number of tensors written."""
+    external = [t for t in all_tensors(model) if external_data_helper.uses_external_data(t)]
+    if not external:
+        return 0
+    handles: dict[str, Any] = {}
+    try:
+        with open(data_file, "wb") as out:
+            for t in external:
+                info = external_data_helper.ExternalDataInfo(t)
+                if info.location not in handles:
+                    handles[info.location] = open(src_dir / info.location, "rb")
+                offset, length = _stream_tensor(handles[info.location], out, info, transforms.get(t.name))
+                _set_location(t, data_file.name, offset, length)
+    except FileNotFoundError as exc:
+        raise GraphError(f"external data of a graph in {src_dir} is missing: {exc}") from exc
+    finally:
+        for f in handles.values():
+            f.close()
+    return len(external)
+
+
+def write_streamed(model: onnx.ModelProto, src_dir: str | os.PathLike, dst: str | os.PathLike,
+                   transforms: dict[str, Callable[[bytes], bytes]] | None = None) -> Path:
+    """Save ``model`` (loaded with ``load_external_data=False`` from a graph in ``src_dir``) atomically to ``dst``;
+    its external tensors are streamed one at a time into ``<dst>.data``, the bytes of the tensor named ``k``
+    through ``transforms[k]`` (e.g. an fp16 conversion). Memory: the graph structure plus one tensor."""
+    dst_p = Path(dst)
+    dst_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", dir=dst_p.parent))
+    try:
+        count = _write_streamed_data(model, Path(src_dir), tmp_dir / f"{dst_p.name}.data", transforms or {})
+        onnx.save_model(model, str(tmp_dir / dst_p.name))
+        move_into_place(tmp_dir, dst_p)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    logger.info("wrote %s (%d external tensors streamed)", dst_p, count)
+    return dst_p
+
+
+def save_sharing(model: onnx.ModelProto, src_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Save ``model`` (loaded with ``load_external_data=False`` from a graph in ``src_dir``) atomically to ``dst``
+    so that its external tensors keep using the data files they reference: in ``src_dir`` itself only the graph
+    structure is written (relative locations unchanged). In another folder the tensors are streamed into
+    ``<dst>.data`` (onnx refuses hard-linked data files as a possible hard-link attack)."""
+    src_p, dst_p = Path(src_dir), Path(dst)
+    if src_p.resolve() != dst_p.parent.resolve():
+        return write_streamed(model, src_p, dst_p)
+    dst_p.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", dir=dst_p.parent))
+    try:
+        onnx.save_model(model, str(tmp_dir / dst_p.name))
+        move_into_place(tmp_dir, dst_p)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    shared = sorted({external_data_helper.ExternalDataInfo(t).location for t in all_tensors(model)
+                     if external_data_helper.uses_external_data(t)})
+    logger.info("saved %s (graph structure only; tensors stay in %s)", dst_p, ", ".join(shared) or "the graph")
+    return dst_p
+
+
 def copy_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy an ONNX graph and its external data under ``dst``'s name, streaming tensors (low memory), atomically."""
     src_p, dst_p = check_file(src), Path(dst)
     if src_p.resolve() == dst_p.resolve():
         raise InputError(f"copy_onnx: source and destination are the same file: {src_p}")
-    model = load_onnx(src_p, load_external_data=False)
-    external = [t for t in _all_tensors(model) if external_data_helper.uses_external_data(t)]
-    dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", dir=dst_p.parent))
-    try:
-        if external:
-            data_name = f"{dst_p.name}.data"
-            handles: dict[str, Any] = {}
-            try:
-                with open(tmp_dir / data_name, "wb") as out:
-                    for t in external:
-                        info = external_data_helper.ExternalDataInfo(t)
-                        if info.location not in handles:
-                            handles[info.location] = open(src_p.parent / info.location, "rb")
-                        f = handles[info.location]
-                        f.seek(info.offset or 0)
-                        pad = (-out.tell()) % 4096
-                        out.write(b"\0" * pad)
-                        offset, remaining = out.tell(), info.length
-                        while remaining is None or remaining > 0:
-                            chunk = f.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
-                            if not chunk:
-                                break
-                            out.write(chunk)
-                            remaining = None if remaining is None else remaining - len(chunk)
-                        _set_location(t, data_name, offset, out.tell() - offset)
-            except FileNotFoundError as exc:
-                raise GraphError(f"external data of {src_p} is missing: {exc}") from exc
-            finally:
-                for f in handles.values():
-                    f.close()
-        onnx.save_model(model, str(tmp_dir / dst_p.name))
-        move_into_place(tmp_dir, dst_p)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    logger.info("copied %s -> %s (%d external tensors)", src_p.name, dst_p, len(external))
-    return dst_p
+    return write_streamed(load_onnx(src_p, load_external_data=False), src_p.parent, dst_p)
+
+
+def remove_graphs(graphs: list[Path]) -> list[Path]:
+    """Delete the ONNX files ``graphs``, then each of their external data files that no graph left in its folder
+    references (a data file a kept graph uses is never deleted); returns the paths deleted."""
+    data = {f.resolve() for g in graphs if g.is_file() for f in external_data_files(g)}
+    removed = []
+    for g in graphs:
+        if g.is_file():
+            g.unlink()
+            removed.append(g)
+    still_used: set[Path] = set()
+    for folder in {d.parent for d in data}:
+        still_used |= referenced_data_files(folder)
+    for d in sorted(data - still_used):
+        if d.is_file():
+            d.unlink()
+            removed.append(d)
+    return removed
 
 
 def onnx_sha256(path: str | os.PathLike) -> str:

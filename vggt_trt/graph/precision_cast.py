@@ -7,15 +7,18 @@ Own dtype propagation, so no in-memory shape inference is needed and external-da
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 
 from ..errors import GraphError, InputError
-from .io import node_count
-from .passes import keep_model_header, log_pass, quiet_graphsurgeon
+from .io import load_onnx, node_count, write_streamed
+from .passes import keep_model_header, quiet_graphsurgeon
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +91,16 @@ def _read(const: Any) -> np.ndarray:
     return lazy.load() if isinstance(lazy, LazyValues) else np.asarray(const.values)
 
 
+def _external_source(const: Any) -> onnx.TensorProto | None:
+    """The TensorProto behind a constant whose bytes are external and not loaded, else None."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    lazy = getattr(const, "_values", None)
+    if not isinstance(lazy, LazyValues) or lazy.tensor.HasField("raw_data"):
+        return None
+    return lazy.tensor if external_data_helper.uses_external_data(lazy.tensor) else None
+
+
 def _to_low(values: np.ndarray, low: int, stats: dict[str, Any]) -> np.ndarray:
     stats["constants_converted"] += 1
     if low == onnx.TensorProto.BFLOAT16:
@@ -107,9 +120,11 @@ def _to_low(values: np.ndarray, low: int, stats: dict[str, Any]) -> np.ndarray:
 class _Caster:
     """One fp16/bf16 cast: classify nodes, retype the low ones, then convert every edge whose types disagree."""
 
-    def __init__(self, graph: Any, gs: Any, precision: str, keep_nodes: Sequence[str]):
+    def __init__(self, graph: Any, gs: Any, precision: str, keep_nodes: Sequence[str],
+                 deferred: set[str] | None = None):
         self.graph, self.gs, self.precision, self.keep = graph, gs, precision, set(keep_nodes)
         self.low = _LOW[precision]
+        self.deferred = deferred  # None: convert in memory; a set: names of external constants converted on write
         self.stats: dict[str, Any] = {"constants_converted": 0, "values_clipped": 0, "casts_inserted": 0,
                                       "casts_rewritten": 0}
         self.mode: dict[int, str] = {}  # id(node) -> "low" or the reason it stays fp32
@@ -173,7 +188,7 @@ class _Caster:
                 self.stats["casts_rewritten"] += 1
             value = node.attrs.get("value") if node.op in ("Constant", "ConstantOfShape") else None
             if value is not None and _enum(value.dtype) == _F32:
-                node.attrs["value"] = gs.Constant(value.name, _to_low(_read(value), low, self.stats))
+                node.attrs["value"] = self.low_constant(value, value.name)
             for key in ("value_float", "value_floats"):
                 if node.op == "Constant" and key in node.attrs:
                     vals = np.asarray(node.attrs.pop(key), dtype=np.float32)
@@ -210,8 +225,7 @@ class _Caster:
                 key = (t.name, target)
                 if key not in converted:
                     if isinstance(t, gs.Constant):
-                        values = _to_low(_read(t), self.low, self.stats)
-                        converted[key] = gs.Constant(f"{t.name}_{self.precision}", values)
+                        converted[key] = self.low_constant(t, f"{t.name}_{self.precision}")
                     else:
                         name = f"{t.name}_to_{'fp32' if target == _F32 else self.precision}"
                         converted[key] = gs.Variable(name, dtype=target, shape=t.shape)
@@ -220,6 +234,21 @@ class _Caster:
                         self.stats["casts_inserted"] += 1
                     self.types[converted[key].name] = target
                 node.inputs[i] = converted[key]
+
+    def low_constant(self, const: Any, name: str) -> Any:
+        """A low-precision copy of fp32 constant ``const`` named ``name``: converted now, or, for a tensor whose
+        bytes are still on disk when conversions are deferred, a placeholder the streamed write converts."""
+        source = _external_source(const)
+        if source is None or self.deferred is None:
+            return self.gs.Constant(name, _to_low(_read(const), self.low, self.stats))
+        from onnx_graphsurgeon.ir.tensor import LazyValues
+
+        placeholder = onnx.TensorProto(name=name, data_type=self.low, dims=source.dims,
+                                       data_location=onnx.TensorProto.EXTERNAL)
+        placeholder.external_data.extend(source.external_data)  # the fp32 bytes: converted when written
+        self.deferred.add(name)
+        self.stats["constants_converted"] += 1
+        return self.gs.Constant(name, LazyValues(placeholder))
 
     def summary(self) -> dict[str, Any]:
         reasons: dict[str, int] = {}
@@ -239,21 +268,53 @@ def cast_precision(model: onnx.ModelProto, precision: str = "fp16", *,
     activations and the element-wise ops after them, Range, trig, data-independent subgraphs (position
     embeddings, RoPE tables) and nodes named in ``keep_nodes``. Exporter Cast(to=FLOAT) nodes follow their
     consumers, so no op ever sees mixed input types (TensorRT: "ElementWiseOperation PROD must have same
-    input types"). Needs no shape inference.
+    input types"). Needs no shape inference. :func:`cast_precision_file` does the same from a path, one
+    weight at a time.
     """
+    t0 = time.perf_counter()
+    result, summary = _cast(model, precision, keep_nodes, None)
+    _log_summary(summary, time.perf_counter() - t0)
+    return result, summary
+
+
+def cast_precision_file(src: str | os.PathLike, dst: str | os.PathLike, precision: str = "fp16", *,
+                        keep_nodes: Sequence[str] = ()) -> dict[str, Any]:
+    """:func:`cast_precision` of the graph at ``src`` written atomically to ``dst``, streaming the weights:
+    the graph is loaded without its external data, and each weight is read, converted and written to
+    ``<dst>.data`` one at a time (memory: the graph structure plus one tensor). The tensors are byte for
+    byte those of the in-memory cast. Returns the cast summary."""
+    src_p, t0 = Path(src), time.perf_counter()
+    model = load_onnx(src_p, load_external_data=False)
+    deferred: set[str] = set()
+    result, summary = _cast(model, precision, keep_nodes, deferred)
+    del model
+    stats = {"constants_converted": 0, "values_clipped": 0}
+    low = _LOW[precision]
+
+    def convert(data: bytes) -> bytes:
+        return _to_low(np.frombuffer(data, dtype=np.float32), low, stats).tobytes()
+
+    write_streamed(result, src_p.parent, dst, {name: convert for name in deferred})
+    summary["values_clipped"] += stats["values_clipped"]
+    _log_summary(summary, time.perf_counter() - t0)
+    return summary
+
+
+def _cast(model: onnx.ModelProto, precision: str, keep_nodes: Sequence[str],
+          deferred: set[str] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     if precision not in _LOW:
         raise InputError(f"cast_precision: unknown precision {precision!r}; use one of {sorted(_LOW)}")
     if model.functions:
         raise GraphError(f"cast_precision needs a graph without local functions ({len(model.functions)} found); "
                          "inline them first with onnx.inliner.inline_local_functions")
-    t0, before = time.perf_counter(), node_count(model)
+    before = node_count(model)
     with quiet_graphsurgeon() as gs:
         graph = gs.import_onnx(model)
         graph.toposort()
         flow = [n for n in graph.nodes if n.op in ("If", "Loop", "Scan")]
         if flow:
             raise GraphError(f"cast_precision does not handle control flow: {flow[0].op} node {flow[0].name!r}")
-        caster = _Caster(graph, gs, precision, keep_nodes)
+        caster = _Caster(graph, gs, precision, keep_nodes, deferred)
         caster.classify()
         caster.retype_low_nodes()
         caster.keep_outputs_fp32()
@@ -262,10 +323,14 @@ def cast_precision(model: onnx.ModelProto, precision: str = "fp16", *,
         result = gs.export_onnx(graph, do_type_check=False)
     keep_model_header(model, result)
     summary = {**caster.summary(), "nodes_before": before, "nodes_after": node_count(result)}
-    log_pass(logger, f"cast_precision({precision})", before, summary["nodes_after"], t0,
-              f" ({summary['low_nodes']} low, fp32 kept: {summary['fp32_by_reason']}, {summary['casts_inserted']} "
-              f"casts inserted, {summary['casts_rewritten']} Cast(to=FLOAT) rewritten)")
+    return result, summary
+
+
+def _log_summary(summary: dict[str, Any], seconds: float) -> None:
+    logger.info("cast_precision(%s): %d -> %d nodes in %.2f s (%d low, fp32 kept: %s, %d casts inserted, %d "
+                "Cast(to=FLOAT) rewritten)", summary["precision"], summary["nodes_before"], summary["nodes_after"],
+                seconds, summary["low_nodes"], summary["fp32_by_reason"], summary["casts_inserted"],
+                summary["casts_rewritten"])
     if summary["values_clipped"]:
         logger.warning("cast_precision: %d weight values exceeded the fp16 range and were clipped",
                        summary["values_clipped"])
-    return result, summary

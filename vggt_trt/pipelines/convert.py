@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 from tqdm import tqdm
 
 from ..accuracy import format_accuracy_table
-from ..atomic import atomic_path, write_json_atomic
+from ..atomic import write_json_atomic
 from ..errors import AccuracyError, BuildError, GraphError, InputError, MissingDependencyError
 from ..graph.export import ExportSpec, export_onnx
-from ..graph.io import copy_onnx, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256, save_onnx
+from ..graph.io import (EXTERNAL_DATA_THRESHOLD, graph_bytes, io_summary, load_onnx, node_count, onnx_sha256,
+                        remove_graphs, save_onnx, save_sharing)
 from ..graph.ort import assert_accuracy, compare_onnx_ort
-from ..graph.precision_cast import cast_precision
+from ..graph.precision_cast import cast_precision_file
 from ..graph.qdq import has_activation_qdq, strip_activation_qdq
 from ..graph.sequences import assert_no_sequence_ops, remove_sequence_ops, repair_opset
 from ..graph.simplify import check_model, simplify
@@ -44,6 +44,8 @@ from ..quant.modes import ACTIVATION_QUANT_MODES, apply_quant_mode, finalize_qua
 from ..quant.ptq import accuracy_report, qdq_summary, quantize_onnx
 from ..quant.trt10_calibrator import make_entropy_calibrator
 from ..views import ViewRange
+from .disk import (WRITE_SLACK, build_writes, cast_writes, pass_writes, quantize_writes, simplify_writes,
+                   writes)
 from .stem_set import publish_reports, stem_run
 # modules, not names: tests (and users) swap import_tensorrt / build_engine on them
 from ..trt import backend as trt_backend
@@ -92,6 +94,7 @@ class ConvertOptions:
     calib_cpu: bool = False
     int8_calibrator: bool = False  # TensorRT 10 only: IInt8EntropyCalibrator2 + calibration cache instead of Q/DQ
     verify: bool | None = None  # None: verify when the graph is small enough for CPU
+    keep_intermediate: bool = False  # keep the raw, .NOSEQ and .simp graphs that are not a final graph
     timings: dict[str, float] = field(default_factory=dict)
     cache_dir: Path | None = None  # timing and calibration caches (None: output_dir); artifacts are staged elsewhere
 
@@ -275,6 +278,11 @@ def calibration_providers(calib_cpu: bool) -> tuple[str, ...]:
     return ("cpu",)
 
 
+def _export_writes(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> tuple[Path, int]:
+    return dst, model_weight_bytes(opts.model_name) + WRITE_SLACK
+
+
+@writes(_export_writes)
 def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str, Any]:
     """Build the model (weights or seeded random), apply the quant mode, export to ``dst``."""
     model = build_model(opts.model_name, weights=opts.weights, random_init=opts.random_init, seed=opts.seed)
@@ -290,32 +298,37 @@ def stage_export(opts: ConvertOptions, spec: ExportSpec, dst: Path) -> dict[str,
     return report
 
 
+@writes(pass_writes)
 def stage_remove_sequences(src: Path, dst: Path, opset: int) -> dict[str, Any]:
     """Rewrite sequence ops into tensor ops and repair the opset; writes ``dst`` (.NOSEQ.onnx).
 
-    A graph without sequence ops (what our exporter produces) is copied tensor by tensor and only
-    its header is edited, so a 4.6 GB graph never has to sit in memory.
+    The pass never changes weights: ``dst`` holds the graph structure only and references the external
+    data file of ``src`` (a streamed copy when ``dst`` is in another folder), so a 4.6 GB graph is
+    neither loaded nor copied. A small graph with sequence ops is rewritten in memory (shape inference).
     """
     structure = load_onnx(src, load_external_data=False)
     try:
         assert_no_sequence_ops(structure)
     except GraphError as found:
         logger.info("%s has sequence ops (%s); rewriting them", src.name, found)
-        model = load_onnx(src)
+        large = graph_bytes(src) > EXTERNAL_DATA_THRESHOLD  # then the pass edits the structure only
+        model = structure if large else load_onnx(src)
         before = node_count(model)
         model = repair_opset(remove_sequence_ops(model), opset)
         assert_no_sequence_ops(model)
-        save_onnx(model, dst, restore=False)
+        if large:
+            save_sharing(model, src.parent, dst)
+        else:
+            save_onnx(model, dst, restore=False)
         return {"path": str(dst), "sequence_ops": "rewritten", "nodes_before": before, "nodes_after": node_count(model)}
-    copy_onnx(src, dst)
-    header = repair_opset(load_onnx(dst, load_external_data=False), opset)
-    with atomic_path(dst) as tmp:
-        onnx.save_model(header, str(tmp))
-    logger.info("%s: no sequence ops; tensors copied, opset/IR header repaired", dst.name)
+    header = repair_opset(structure, opset)
+    save_sharing(header, src.parent, dst)
+    logger.info("%s: no sequence ops; opset/IR header repaired, tensors shared with %s", dst.name, src.name)
     return {"path": str(dst), "sequence_ops": "none found", "nodes_before": node_count(header),
             "nodes_after": node_count(header)}
 
 
+@writes(simplify_writes)
 def stage_simplify(src: Path, dst: Path, skip: bool) -> dict[str, Any]:
     return simplify(src, dst, skip=skip).to_dict()
 
@@ -347,11 +360,10 @@ def without_activation_qdq(src: Path, dst: Path, tmp: Path) -> tuple[Path, Path,
     return tmp / "ref.onnx", tmp / "test.onnx", stripped
 
 
+@writes(cast_writes)
 def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: bool) -> dict[str, Any]:
     """fp16/bf16 strongly typed graph, checked against the fp32 graph with ONNX Runtime (or the reference evaluator)."""
-    model, summary = cast_precision(load_onnx(src), precision)
-    save_onnx(model, dst, restore=False)
-    del model
+    summary = cast_precision_file(src, dst, precision)  # streams the weights: never two copies in memory
     report: dict[str, Any] = {"path": str(dst), "cast_summary": summary}
     if not verify:
         report["verification"] = "skipped: graph too large for a CPU check (pass --verify to force)"
@@ -379,6 +391,7 @@ def stage_cast(src: Path, dst: Path, precision: str, spec: ExportSpec, verify: b
     return report
 
 
+@writes(quantize_writes)
 def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts: ConvertOptions,
                    verify: bool, random_weights: bool) -> dict[str, Any]:
     """Q/DQ graph (ModelOpt ONNX PTQ) calibrated on ``--calib-data``, with its accuracy table."""
@@ -394,6 +407,7 @@ def stage_quantize(src: Path, dst: Path, precision: str, spec: ExportSpec, opts:
     return report
 
 
+@writes(build_writes)
 def stage_build(onnx_path: Path, engine_path: Path, precision: str, opts: ConvertOptions,
                 profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build one engine; ``profile`` (input -> (min, opt, max) shapes) for a graph with a dynamic view axis."""
@@ -510,7 +524,23 @@ def convert_staged(opts: ConvertOptions, spec: ExportSpec) -> list[dict[str, Any
         logger.info("stage export             skipped: using --onnx-in %s (%s)", raw, spec.stem)
         shared["export"] = {"skipped": f"--onnx-in {raw}"}
     final, large = clean_graph(raw, spec.stem, opts, timings, shared, spec)
-    return convert_precisions(opts, spec, final, timings, shared, large)
+    reports = convert_precisions(opts, spec, final, timings, shared, large)
+    if not opts.keep_intermediate:
+        drop_intermediates(out, spec.stem, raw if opts.export else None, reports)
+    return reports
+
+
+def drop_intermediates(out: Path, stem: str, exported: Path | None, reports: list[dict[str, Any]]) -> list[Path]:
+    """Delete the intermediate graphs of ``stem`` (the raw export when this run made it, .NOSEQ, .simp) that no
+    report names as its final graph, and the data files no graph left in ``out`` references."""
+    keep = {Path(r["onnx"]["path"]).resolve() for r in reports}
+    candidates = [p for p in (exported, out / f"{stem}.NOSEQ.onnx", out / f"{stem}.simp.onnx")
+                  if p is not None and p.resolve() not in keep]
+    removed = remove_graphs(candidates)
+    if removed:
+        logger.info("removed intermediate files (--keep-intermediate keeps them): %s",
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 def clean_graph(raw: Path, stem: str, opts: ConvertOptions, timings: dict[str, float],

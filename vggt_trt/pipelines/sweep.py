@@ -223,7 +223,8 @@ def run_chain(opts: SweepOptions, mode: str, env: dict[str, str] | None = None) 
     first_name, first_args = ("all-precisions", ["--all-precisions"]) if not opts.precisions else \
         (opts.precisions[0], ["--precision", opts.precisions[0]])
     rest = [p for p in opts.precisions[1:] if p != "fp32"] + (["fp32"] if first_name != "fp32" else [])
-    results = [run_config(opts, mode, first_name, ["--export", *first_args], env)]
+    keep = ["--keep-intermediate"] if rest else []  # the later configurations start from its raw graph
+    results = [run_config(opts, mode, first_name, ["--export", *first_args, *keep], env)]
     if results[0].result == "unavailable" and not opts.strict:
         return results + [ConfigResult(mode, p, "skipped", detail="(mode unavailable here)") for p in rest]
     onnx = opts.base_output / mode / f"{opts.stem}.onnx"

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 from . import backend as tb
 from . import cache_files
-from ..atomic import write_bytes_atomic
+from ..atomic import atomic_path
 from ..errors import BuildError, InputError
 from ..precisions import PRECISIONS
 
@@ -459,21 +459,64 @@ def build_engine(
 
     t0 = time.perf_counter()
     logger.info("TensorRT build of %s started", engine_p.name)
-    with warnings.catch_warnings(), interrupt.armed():
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with atomic_path(engine_p) as tmp:
+        with warnings.catch_warnings(), interrupt.armed():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            built = _build_to_file(trt, builder, network, config, tmp)
+        result.build_seconds = round(time.perf_counter() - t0, 3)
+        interrupt.raise_if_requested()
+        if not built:
+            errors = trt_logger.errors or ["no error message from TensorRT"]
+            raise BuildError(f"TensorRT could not build {engine_p.name} from {onnx_p.name} after "
+                             f"{result.build_seconds:.1f} s: " + " | ".join(errors[-10:]))
+        if cache_status:
+            save_timing_cache(config, timing_cache_path, info, cache_status)
+            result.timing_cache = cache_status
+        del parser, network  # the parsed weights: not needed to inspect or keep the engine
+        _inspect_engine(result, tmp, precision, info.name)
+    result.engine_bytes = engine_p.stat().st_size
+    logger.info("built %s in %.1f s (%.1f MB)", engine_p, result.build_seconds, result.engine_bytes / 1e6)
+    result.total_seconds = round(time.perf_counter() - t_start, 3)
+    return result
+
+
+def _build_to_file(trt: Any, builder: Any, network: Any, config: Any, path: Path) -> bool:
+    """Build and write the serialised engine to ``path``; streamed to the file where the builder can
+    (``build_serialized_network_to_stream``: the plan never sits whole in host memory), else via host memory."""
+    with open(path, "wb") as f:
+        if hasattr(builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter"):
+            writer = _file_writer(trt, f)
+            built = bool(builder.build_serialized_network_to_stream(network, config, writer))
+            if writer.error is not None:  # e.g. disk full: the cause, not "could not build"
+                raise writer.error
+            return built
         plan = builder.build_serialized_network(network, config)
-    result.build_seconds = round(time.perf_counter() - t0, 3)
-    interrupt.raise_if_requested()
-    if plan is None:
-        errors = trt_logger.errors or ["no error message from TensorRT"]
-        raise BuildError(f"TensorRT could not build {engine_p.name} from {onnx_p.name} after "
-                         f"{result.build_seconds:.1f} s: " + " | ".join(errors[-10:]))
-    if cache_status:
-        save_timing_cache(config, timing_cache_path, info, cache_status)
-        result.timing_cache = cache_status
-    data = memoryview(plan)
+        if plan is None:
+            return False
+        f.write(memoryview(plan))
+        return True
+
+
+def _file_writer(trt: Any, f: Any) -> Any:
+    """An ``IStreamWriter`` of module ``trt`` that appends what TensorRT hands it to the open file ``f``."""
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self) -> None:
+            trt.IStreamWriter.__init__(self)
+            self.error: OSError | None = None
+
+        def write(self, data: Any) -> int:  # a TensorRT callback: keep the error, return 0 (failure), never raise
+            try:
+                return f.write(data)
+            except OSError as exc:
+                self.error = self.error or exc
+                return 0
+    return FileWriter()
+
+
+def _inspect_engine(result: BuildResult, path: Path, precision: str, backend: str) -> None:
+    """Engine precision summary (GPU only) and the advisory precision warning, from the written engine."""
     count, reason = tb.cuda_device_count()
-    result.engine_precision = engine_precision_summary(data, backend=info.name) if count else None
+    result.engine_precision = engine_precision_summary(path, backend=backend) if count else None
     if result.engine_precision is None:
         result.engine_precision_note = f"engine not inspected: {reason or 'TensorRT could not deserialise it'}"
         logger.info("%s", result.engine_precision_note)
@@ -482,8 +525,3 @@ def build_engine(
         msg += " (engine inspection, advisory: fused blocks can hide the requested type)"
         logger.warning("%s", msg)
         result.warnings.append(msg)
-    write_bytes_atomic(engine_p, data)
-    result.engine_bytes = data.nbytes
-    logger.info("built %s in %.1f s (%.1f MB)", engine_p, result.build_seconds, data.nbytes / 1e6)
-    result.total_seconds = round(time.perf_counter() - t_start, 3)
-    return result
