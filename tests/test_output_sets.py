@@ -45,12 +45,13 @@ def hidden(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
-    """An fp16 --skip-build export into a folder holding stale files of the stem and bystanders."""
+    """An fp16 --skip-build export (intermediate graphs kept) into a folder holding stale files of the stem and
+    bystanders."""
     out = tmp_path_factory.mktemp("owned")
     for name, data in {**BYSTANDERS, **STALE}.items():
         (out / name).write_bytes(data)
-    assert run(["--export", *TINY28, "--precision", "fp16", "--skip-build", "--output-dir", str(out)],
-               out / "logs") == 0
+    assert run(["--export", *TINY28, "--precision", "fp16", "--skip-build", "--keep-intermediate",
+                "--output-dir", str(out)], out / "logs") == 0
     return out
 
 
@@ -76,7 +77,7 @@ def test_onnx_in_of_the_folders_own_graph_adds_precisions_and_keeps_the_others(c
     shutil.copytree(converted, out, ignore=shutil.ignore_patterns(".replaced-*", "logs"))
     before = snapshot(out)
     assert run(["--onnx-in", str(out / f"{STEM}.onnx"), "--precision", "bf16,fp32", "--no-verify", "--skip-build",
-                "--output-dir", str(out)], tmp_path / "logs") == 0
+                "--keep-intermediate", "--output-dir", str(out)], tmp_path / "logs") == 0
     after = snapshot(out)
     assert set(after) == set(before) | {f"{STEM}_bf16.onnx", f"{STEM}_bf16.json", f"{STEM}_fp32.json"}
     for name in (f"{STEM}.onnx", f"{STEM}_fp16.onnx", f"{STEM}_fp16.json", *BYSTANDERS):
@@ -96,7 +97,8 @@ def test_onnx_in_from_elsewhere_owns_the_whole_stem(converted, tmp_path):
     assert run(["--onnx-in", str(source), "--precision", "fp32", "--skip-build", "--output-dir", str(out)],
                tmp_path / "logs") == 0
     report = json.loads((out / f"{STEM}_fp32.json").read_text())
-    moved = [f"{STEM}.onnx", f"{STEM}_fp16.json", f"{STEM}_fp16.onnx"]
+    # the .simp graph is this run's fp32 graph; its .NOSEQ is an intermediate it drops (no --keep-intermediate)
+    moved = [f"{STEM}.NOSEQ.onnx", f"{STEM}.onnx", f"{STEM}_fp16.json", f"{STEM}_fp16.onnx"]
     assert report["output_folder"]["moved_aside"] == moved
     assert not any((out / name).exists() for name in moved)
     assert all((Path(report["output_folder"]["moved_aside_to"]) / name).is_file() for name in moved)
