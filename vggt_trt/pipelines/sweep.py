@@ -223,7 +223,9 @@ def run_chain(opts: SweepOptions, mode: str, env: dict[str, str] | None = None) 
     first_name, first_args = ("all-precisions", ["--all-precisions"]) if not opts.precisions else \
         (opts.precisions[0], ["--precision", opts.precisions[0]])
     rest = [p for p in opts.precisions[1:] if p != "fp32"] + (["fp32"] if first_name != "fp32" else [])
-    keep = ["--keep-intermediate"] if rest else []  # the later configurations start from its raw graph
+    # the later configurations start from the first one's raw graph, and each keeps the cleaned graphs it
+    # rewrites, so that none of them moves the others' files aside (vggt_trt/pipelines/stem_set.py)
+    keep = ["--keep-intermediate"] if rest else []
     results = [run_config(opts, mode, first_name, ["--export", *first_args, *keep], env)]
     if results[0].result == "unavailable" and not opts.strict:
         return results + [ConfigResult(mode, p, "skipped", detail="(mode unavailable here)") for p in rest]
@@ -232,7 +234,7 @@ def run_chain(opts: SweepOptions, mode: str, env: dict[str, str] | None = None) 
         if opts.fail_fast and chain_failed(results, opts.strict):
             break
         source = ["--onnx-in", str(onnx)] if onnx.is_file() else ["--export"]
-        results.append(run_config(opts, mode, precision, [*source, "--precision", precision], env))
+        results.append(run_config(opts, mode, precision, [*source, "--precision", precision, *keep], env))
     return results
 
 
