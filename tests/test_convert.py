@@ -99,7 +99,6 @@ def test_onnx_in_refuses_shape_flags_that_contradict_the_graph(exported, tmp_pat
     "args,match",
     [
         (["--export", "--model-name", "tiny", "--num-cams", "2", "--height", "50", "--width", "70"], "multiples of 14"),
-        (["--export", "--model-name", "tiny", "--num-cams", "0", "--height", "56", "--width", "56"], "at least 1"),
         ([*TINY], "nothing to convert"),
         (["--onnx-in", "/nonexistent/model.onnx"], "file not found"),
         (["--export", "--model-name", "no-such-model", "--num-cams", "2", "--height", "56", "--width", "56"], "no-such-model"),
@@ -108,6 +107,14 @@ def test_onnx_in_refuses_shape_flags_that_contradict_the_graph(exported, tmp_pat
 def test_bad_input_is_a_clear_error(tmp_path, caplog, args, match):
     assert run(args + ["--output-dir", str(tmp_path / "out")], tmp_path) == 2
     assert any(match in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_zero_views_is_refused_while_parsing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--export", "--model-name", "tiny", "--num-cams", "0", "--height", "56", "--width", "56",
+             "--output-dir", str(tmp_path / "out")], tmp_path)
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
+    assert "argument --num-cams: must be an integer >= 1, not 0" in capsys.readouterr().err
 
 
 def test_unknown_precision_is_rejected(tmp_path, capsys):
