@@ -298,6 +298,8 @@ def test_ctrl_c_while_publishing_is_held_until_the_set_is_in_place(tmp_path):
     import os
     import signal
 
+    # Python's own handler, as under a terminal (a shell's background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     (out / "images" / "old.png").write_bytes(b"old")
@@ -307,7 +309,10 @@ def test_ctrl_c_while_publishing_is_held_until_the_set_is_in_place(tmp_path):
             (staged.staging / "images" / "new.png").write_bytes(b"new")
             (staged.staging / "points.ply").write_bytes(b"ply")
             (staged.staging / "summary.json").write_text("{}")
-            staged.publish(lambda publication: os.kill(os.getpid(), signal.SIGINT))
+            try:
+                staged.publish(lambda publication: os.kill(os.getpid(), signal.SIGINT))
+            finally:
+                signal.signal(signal.SIGINT, previous)
     assert sorted(p.name for p in out.iterdir()) == ["images", "points.ply", "summary.json"]
     assert [p.name for p in (out / "images").iterdir()] == ["new.png"]
 
