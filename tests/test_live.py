@@ -264,7 +264,7 @@ def test_live_loop_publishes_the_growing_map_and_active_cameras_to_the_viewer(tm
     caps = {f"cam{i}": ReplayCapture(replay_frames(i)) for i in range(3)}
     cams = [CameraSpec(n, i, live=False) for i, n in enumerate(caps)]
     published: list[int] = []
-    with LiveViewer(port=0, max_points=10**7) as viewer:
+    with LiveViewer(port=0, max_points=10**7, max_rate_hz=None) as viewer:  # every batch (no rate limit)
         publish = viewer.publish_map
         viewer.publish_map = lambda xyz, rgb: (published.append(len(xyz)), publish(xyz, rgb))
         opts = LiveOptions(source="webcams", out_dir=tmp_path / "out", model_name="tiny", depth_model="tiny",
