@@ -2,8 +2,10 @@
 
 Regional compilation compiles each transformer block and each head on its own. The 24 DINOv2, 24
 frame and 24 global blocks are three shapes of one code object, so they share three compiled graphs:
-a cold compile of the 1B model takes about 90 s instead of about 190 s for one whole-model graph, at
-the same speed (H200, bf16, 8 x 518 x 518: 100 ms regional, 101 ms whole; docs/BENCHMARKS.md).
+a cold compile of the 1B model takes about 33 s (about 190 s for one whole-model graph), at the same
+speed (H200, bf16, 8 x 518 x 518: 98 ms regional, 101 ms whole; docs/BENCHMARKS.md). Every region must
+stay one graph without numpy or host constants: a graph break or traced numpy keeps it out of the
+compile caches, and every process compiles it again.
 
 The artifact (``<stem>_<precision>.torchcache``) holds ``torch.compiler.save_cache_artifacts()``
 behind a JSON header. The header's key says what the compiled kernels were made for (torch, triton
