@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ pytest.importorskip("transformers", reason="Depth Anything needs transformers (r
 
 from helpers import ReplayCapture, load_script, make_videos, replay_factory, replay_frames  # noqa: E402
 
-from vggt_trt.pipelines.live import LiveOptions, VoxelMap, fit_scale_shift, run_live  # noqa: E402
+from vggt_trt.pipelines.live import LiveOptions, LiveSession, VoxelMap, fit_scale_shift, run_live  # noqa: E402
+from vggt_trt.views import ViewRange  # noqa: E402
 from vggt_trt.recon.frames import frames_to_model_input  # noqa: E402
 from vggt_trt.recon.pointcloud import read_ply  # noqa: E402
 from vggt_trt.errors import InputError  # noqa: E402
@@ -326,3 +328,28 @@ def test_a_live_run_owns_its_outputs_and_a_run_that_reads_nothing_changes_nothin
     assert aside.parent == out and aside.name.startswith(".replaced-live-")
     assert (aside / "batches" / "batch_00099.ply").read_text() == "earlier"
     assert (aside / "points.ply").read_text() == "earlier"
+
+
+@pytest.mark.parametrize("views, cameras_left, runs", [
+    (ViewRange(3, 3, 3), 2, False), (ViewRange(2, 3, 5), 1, False), (ViewRange(2, 3, 5), 2, True), (None, 1, True)])
+def test_vggt_refresh_runs_only_for_a_camera_count_the_model_takes(views, cameras_left: int, runs: bool) -> None:
+    class Model:
+        backend = "torch"
+
+        def input_metadata(self):
+            return [SimpleNamespace(name="images", shape=(None if views is None or views.min != views.max else views.min,
+                                                          3, 28, 28))]
+
+        def view_range(self):
+            return views
+
+        def infer(self, feed):
+            raise RuntimeError("ran")
+
+    session = SimpleNamespace(vggt=Model())
+    names = [f"cam{i}" for i in range(cameras_left)]
+    if runs:
+        with pytest.raises(RuntimeError, match="ran"):
+            LiveSession._vggt(session, names, None, [], 7)
+    else:
+        assert LiveSession._vggt(session, names, None, [], 7) is None

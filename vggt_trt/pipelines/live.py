@@ -246,9 +246,10 @@ class LiveSession:
     # -- VGGT reference depth, in the map frame
     def _vggt(self, names: list[str], images: Any, maps: list[tuple], batch: int) -> dict[str, Any] | None:
         meta = self.vggt.input_metadata()[0]
-        if meta.shape[0] is not None and meta.shape[0] != len(names):
-            logger.info("batch %d: VGGT refresh skipped: the model takes %d views, %d cameras left", batch,
-                        meta.shape[0], len(names))
+        accepted = self.vggt.view_range()
+        if accepted is not None and len(names) not in accepted:
+            logger.info("batch %d: VGGT refresh skipped: the model takes %s views, %d cameras left", batch,
+                        accepted.min if accepted.min == accepted.max else accepted.text(), len(names))
             return None
         feed = images if self.vggt.backend == "torch" else images.cpu().numpy()
         out = self.vggt.infer({meta.name: feed})
