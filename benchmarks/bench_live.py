@@ -99,6 +99,21 @@ def describe(summary: dict, wall_s: float, warmup: int) -> dict:
     }
 
 
+def viewer_ab(run, pairs: int, warmup: int) -> dict:
+    """``pairs`` steady runs without, then with, the viewer, alternating; each arm's rates and the ratio of medians."""
+    import numpy as np
+
+    rates: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(pairs):
+        for arm in ("without", "with"):
+            summary, wall_s = run(arm == "with")
+            rates[arm].append(describe(summary, wall_s, warmup)["steady_state_batches_per_s"])
+            print(f"viewer {arm:7s}: {rates[arm][-1]:.1f} batches/s", flush=True)
+    medians = {arm: float(np.median(r)) for arm, r in rates.items()}
+    return {"order": "without, with; repeated", "steady_batches_per_s": rates, "median": medians,
+            "with_over_without": medians["with"] / medians["without"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-cams", type=int, default=8)
@@ -111,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth-workers", type=int, default=1, help="Depth Anything runners sharing a batch")
     p.add_argument("--depth-compile", action="store_true", help="torch.compile Depth Anything")
     p.add_argument("--warmup-batches", type=int, default=10, help="batches left out of the steady-state rate")
-    p.add_argument("--viewer", action="store_true", help="publish the map to a live viewer (viser) every batch")
+    p.add_argument("--viewer", action="store_true", help="publish the map to a live viewer (viser; it takes at most 10 updates a second)")
     p.add_argument("--viewer-port", type=int, default=8093)
+    p.add_argument("--viewer-ab", type=int, default=0, metavar="PAIRS",
+                   help="after the bootstrap, PAIRS steady runs without then with the viewer, alternating, in this "
+                        "process (the viewer's cost without the noise between machines and processes)")
     p.add_argument("--vggt-every", type=int, default=0)
     p.add_argument("--pixel-stride", type=int, default=2)
     p.add_argument("--device", default="cuda")
@@ -131,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     frames = {c.name: render_frames(i, 4, args.size) for i, c in enumerate(cams)}
     vggt = TorchRunner(model_name=args.vggt, random_init=True, precision=args.precision, device=args.device)
     viewer = None
-    if args.viewer:
+    if args.viewer or args.viewer_ab:
         from vggt_trt.view.live import LiveViewer
 
         viewer = LiveViewer(port=args.viewer_port).__enter__()
     with tempfile.TemporaryDirectory() as tmp:
-        def run(max_batches: int, calib: Path | None) -> tuple[dict, float]:
+        def run(max_batches: int, calib: Path | None, viewer=viewer) -> tuple[dict, float]:
             opts = LiveOptions(source="webcams", out_dir=Path(tmp), model_name=args.vggt, device=args.device,
                                depth_model=args.depth, depth_random_init=True, depth_precision=args.depth_precision,
                                depth_workers=args.depth_workers, depth_compile=args.depth_compile,
@@ -148,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                                vggt_runner=vggt)
             return summary, time.perf_counter() - t0
 
-        bootstrap, bootstrap_s = run(args.batches, None)
+        warmup = min(args.warmup_batches, args.batches - 2)
+        bootstrap, bootstrap_s = run(args.batches, None, viewer if args.viewer else None)
         calib_path = Path(tmp) / "per_camera_calib.json"
         seeded = seed_identity_fits(calib_path)
-        steady_summary, steady_s = run(args.batches, calib_path)
+        steady_summary, steady_s = run(args.batches, calib_path, viewer if args.viewer else None)
+        ab = viewer_ab(lambda with_viewer: run(args.batches, calib_path, viewer if with_viewer else None),
+                       args.viewer_ab, warmup) if args.viewer_ab else None
     if viewer is not None:
         viewer.close()
     result = {
@@ -162,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "bootstrap_run": describe(bootstrap, bootstrap_s, min(args.warmup_batches, args.batches - 2)),
         "steady_run": describe(steady_summary, steady_s, min(args.warmup_batches, args.batches - 2)) | {"cameras_seeded_with_identity_fit": seeded},
         "depth_workers": steady_summary["depth"]["workers"],
+        "viewer_ab": ab,
         "note": ("random weights: timing only. bootstrap_run: VGGT on the first batch, then Depth Anything; with "
                  "random weights the scale/shift fits are usually rejected (no correlation), so its map may stay "
                  "empty. steady_run: same cameras, calibration file reused with scale 1 / shift 0 seeded for "
