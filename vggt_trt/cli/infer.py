@@ -15,6 +15,7 @@ from ..accuracy import compare_outputs
 from ..atomic import atomic_path, ensure_writable_file, write_json_atomic
 from ..errors import InputError, VggtTrtError
 from ..pipelines.pcd import pick_views
+from ..precisions import TORCH_PRECISIONS
 from ..recon.preprocess import load_and_preprocess_images, preprocess_to_shape
 from ..recon.rig import discover_scene
 from ..model.compiled import ARTIFACT_SUFFIX
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     tm.add_argument("--weights", help="local checkpoint (model.safetensors / model.pt)")
     tm.add_argument("--random-init", action="store_true", help="seeded random weights, no download")
     tm.add_argument("--precision", default="fp32",
-                    choices=("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16"))
+                    choices=TORCH_PRECISIONS)
     tm.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1")
     add_compile_arguments(tm)
     rt = p.add_argument_group("runtimes")

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..pipelines.live import LiveOptions, run_live
 from ..pipelines.pcd import PcdOptions, run_pcd
+from ..precisions import TORCH_PRECISIONS
 from ..pipelines.scenes import find_scenes, run_scenes
 from ..view.live import LiveViewer
 from ..view.server import require_viser, serve_until_interrupted
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", type=Path, help="local checkpoint for --torch")
     model.add_argument("--random-init", action="store_true", help="seeded random weights for --torch")
     model.add_argument("--precision", default="fp32",
-                       choices=("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16"))
+                       choices=TORCH_PRECISIONS)
     model.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda")
     add_compile_arguments(model)
     model.add_argument("--trt-backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))

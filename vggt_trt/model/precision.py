@@ -1,4 +1,4 @@
-"""PyTorch precision modes for our VGGT: fp32, autocast, and low-precision trunk weights with fp32 heads."""
+"""PyTorch precision modes for our VGGT: fp32, autocast, low-precision trunk weights with fp32 heads, or all bf16."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..precisions import TORCH_PRECISIONS
 
-TORCH_PRECISIONS = ("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16")
 
 
 def apply_precision(model: nn.Module, precision: str) -> Callable[[], ContextManager]:
     """Cast ``model`` in place for ``precision``; returns a factory of the context to run it in.
 
     ``bf16``/``fp16``: aggregator weights in the low type, camera/depth/point heads stay fp32
-    (the model casts tokens to fp32 before the heads). ``*-autocast``: fp32 weights under
+    (the model casts tokens to fp32 before the heads). ``bf16-all``: the heads in bf16 too (6 % faster
+    compiled on an H200, about a third more error; docs/BENCHMARKS.md). ``*-autocast``: fp32 weights under
     torch.autocast (the official inference recipe). ``tf32``: fp32 with TF32 matmuls allowed.
     """
     if precision not in TORCH_PRECISIONS:
@@ -30,6 +31,9 @@ def apply_precision(model: nn.Module, precision: str) -> Callable[[], ContextMan
         for head in ("camera_head", "depth_head", "point_head"):
             if getattr(model, head, None) is not None:
                 getattr(model, head).float()
+        return contextlib.nullcontext
+    if precision == "bf16-all":
+        model.to(torch.bfloat16)
         return contextlib.nullcontext
     model.float()
     if precision.endswith("-autocast"):

@@ -59,7 +59,8 @@ class VGGT(nn.Module):
 
         Known outputs: pose_enc [B,S,9], pose_enc_list [iters,B,S,9], depth [B,S,H,W,1],
         depth_conf [B,S,H,W], world_points [B,S,H,W,3], world_points_conf [B,S,H,W].
-        Only what the requested outputs need is computed. Heads always run in float32.
+        Only what the requested outputs need is computed. Heads run in the dtype of their weights (float32
+        unless the whole model was cast).
         """
         check_image_shape(images.shape, self.cfg.patch_size)
         if images.dim() == 4:
@@ -90,8 +91,10 @@ class VGGT(nn.Module):
             if torch.is_autocast_enabled(device_type)
             else contextlib.nullcontext()
         )
+        heads = (h for h in (self.camera_head, self.depth_head, self.point_head) if h is not None)
+        head_dtype = next((p.dtype for h in heads for p in h.parameters()), torch.float32)
         with autocast_off:
-            layers = {k: v.float() for k, v in layers.items()}
+            layers = {k: v.to(head_dtype) for k, v in layers.items()}
             if wanted & {"pose_enc", "pose_enc_list"}:
                 encodings = self.camera_head(layers[self.cfg.depth - 1])
                 result["pose_enc"] = encodings[-1]
