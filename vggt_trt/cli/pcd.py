@@ -9,8 +9,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..pipelines.live import LiveOptions, run_live
 from ..pipelines.pcd import PcdOptions, run_pcd
-from ..precisions import TORCH_PRECISIONS
 from ..pipelines.scenes import find_scenes, run_scenes
+from ..precisions import TORCH_PRECISIONS
 from ..view.live import LiveViewer
 from ..view.server import require_viser, serve_until_interrupted
 from .common import (FRACTION, IMAGE_SIDE, NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, PERCENTILE, POSITIVE_FLOAT,

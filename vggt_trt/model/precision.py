@@ -12,7 +12,6 @@ from ..errors import InputError
 from ..precisions import TORCH_PRECISIONS
 
 
-
 def apply_precision(model: nn.Module, precision: str) -> Callable[[], ContextManager]:
     """Cast ``model`` in place for ``precision``; returns a factory of the context to run it in.
 
