@@ -309,3 +309,29 @@ def test_disk_estimates_take_the_stage_arguments_by_keyword_too(toy_ext, tmp_pat
         assert estimate(toy_ext, tmp_path / "x.onnx", verify=False)[0] == tmp_path / "x.onnx"
     assert disk.simplify_writes(toy_ext, tmp_path / "x.onnx", skip=True) == (tmp_path / "x.onnx", 0)
     assert disk.build_writes(toy_ext, tmp_path / "x.engine", profile=None)[0] == tmp_path / "x.engine"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_depth_anything_conversion_drops_its_intermediate_graphs_unless_kept(tmp_path, keep):
+    from vggt_trt.pipelines.depth_anything import DepthSpec, convert_depth_anything
+
+    spec = DepthSpec("tiny", 1, 42, 56)
+    # random tiny weights overflow fp16 in the rescaled head: this test is about files, not the cast's accuracy
+    reports = convert_depth_anything(spec, tmp_path, ["fp32", "fp16"], skip_build=True, verify=False,
+                                     keep_intermediate=keep)
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    finals = sorted(Path(r["onnx"]["path"]).name for r in reports)
+    assert finals == [f"{spec.stem}.simp.onnx", f"{spec.stem}_fp16.onnx"]  # fp32's final graph is the .simp one
+    intermediates = [f"{spec.stem}.NOSEQ.onnx", f"{spec.stem}.onnx"]
+    assert names == sorted(finals + [f"{spec.stem}_fp16.json", f"{spec.stem}_fp32.json"]
+                           + (intermediates if keep else []))
+    for r in reports:
+        assert Path(r["onnx"]["path"]).is_file()
+
+
+def test_depth_anything_spec_gives_the_cast_check_its_inputs():
+    from vggt_trt.pipelines.convert import verification_feeds
+    from vggt_trt.pipelines.depth_anything import INPUT_NAME, DepthSpec
+
+    feeds = verification_feeds(DepthSpec("tiny", 2, 42, 56))
+    assert list(feeds) == [2] and feeds[2][INPUT_NAME].shape == (2, 3, 42, 56)

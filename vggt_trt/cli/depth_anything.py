@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx"))
     p.add_argument("--skip-build", action="store_true")
     p.add_argument("--no-simplify", action="store_true")
+    p.add_argument("--keep-intermediate", action="store_true",
+                   help="keep the raw, .NOSEQ and .simp graphs (removed after a successful run by default)")
     p.add_argument("--log-dir", type=Path)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in convert_depth_anything(spec, args.output_dir, args.precision or ["fp16"],
                                         random_init=args.random_init, allow_download=args.allow_download,
                                         backend=args.backend, skip_build=args.skip_build,
-                                        no_simplify=args.no_simplify):
+                                        no_simplify=args.no_simplify, keep_intermediate=args.keep_intermediate):
             logger.info("%s %s: %s", r["stem"], r["precision"], r.get("engine", {}).get("path") or r["onnx"]["path"])
         return 0
 

@@ -37,7 +37,8 @@ from ..recon.geometry import is_torch
 from ..runtime.base import Runner, TensorMeta, torch_device
 from ..runtime.ort_runner import OrtRunner
 from ..runtime.trt_runner import TrtRunner
-from .convert import ConvertOptions, check_writable, clean_graph, convert_precisions, timed
+from ..views import ViewRange
+from .convert import ConvertOptions, check_writable, clean_graph, convert_precisions, drop_intermediates, timed
 from .stem_set import publish_reports, stem_run
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,20 @@ class DepthSpec:
     def output_names(self) -> tuple[str, ...]:
         return (OUTPUT_NAME,)
 
+    # the fixed batch axis seen as the conversion stages see VGGT's view axis (graph.export.ExportSpec)
+    dynamic_views = False
+
+    @property
+    def num_cams(self) -> int:
+        return self.batch
+
+    @property
+    def view_range(self) -> ViewRange:
+        return ViewRange(self.batch, self.batch, self.batch)
+
+    def shape_at(self, batch: int) -> tuple[int, int, int, int]:
+        return (batch, 3, self.height, self.width)
+
     @property
     def stem(self) -> str:
         tag = self.model.rstrip("/").split("/")[-1].lower()
@@ -293,8 +308,13 @@ def convert_depth_anything(spec: DepthSpec, out_dir: str | os.PathLike = "onnx_e
                            precisions: Sequence[str] = ("fp16",), *, random_init: bool = False, seed: int = 0,
                            allow_download: bool = False, backend: str = "auto", skip_build: bool = False,
                            no_simplify: bool = False, verify: bool = True, workspace_gb: float = 8.0,
-                           compute_capabilities: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Export Depth Anything, then run the VGGT conversion stages on it; one report per precision."""
+                           compute_capabilities: Sequence[str] = (), keep_intermediate: bool = False
+                           ) -> list[dict[str, Any]]:
+    """Export Depth Anything, then run the VGGT conversion stages on it; one report per precision.
+
+    The raw, ``.NOSEQ`` and ``.simp`` graphs are removed unless ``keep_intermediate`` or a report names one
+    as its final graph (fp32).
+    """
     bad = [p for p in precisions if p not in DEPTH_PRECISIONS]
     if bad:
         raise InputError(f"Depth Anything precisions: {', '.join(DEPTH_PRECISIONS)}; not {bad} (Q/DQ precisions "
@@ -314,6 +334,8 @@ def convert_depth_anything(spec: DepthSpec, out_dir: str | os.PathLike = "onnx_e
         del model
         final, large = clean_graph(raw, spec.stem, opts, timings, shared)
         reports = convert_precisions(opts, spec, final, timings, shared, large, extra={"model": "depth-anything"})
+        if not keep_intermediate:
+            drop_intermediates(run.staging, spec.stem, raw, reports)
         return publish_reports(run, reports)
 
 
