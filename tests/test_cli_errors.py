@@ -202,6 +202,7 @@ BAD_FLAGS = [
     ("convert", ["--export", "--width", "abc"], "argument --width: must be a side in pixels >= 14 (a multiple of 14), "
                                                 "not 'abc'"),
     ("convert", ["--export", "--seed", "-5"], "argument --seed: must be an integer >= 0, not -5"),
+    ("convert", ["--export", "--precision", "fp16,bf16-all"], "--precision bf16-all is a PyTorch mode: it needs --backend torch"),
     ("convert", ["--export", "--opset", "11"], "argument --opset: must be an ONNX opset >= 18"),
     ("convert", ["--export", "--workspace-gb", "0"], "argument --workspace-gb: must be a number > 0, not 0"),
     ("convert", ["--export", "--workspace-gb", "nan"], "argument --workspace-gb: must be a number > 0, not nan"),

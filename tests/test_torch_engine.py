@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +177,10 @@ def test_bf16_all_runs_the_heads_in_bf16_and_stays_near_fp32(images):
         # near fp32 at bf16's resolution
         assert not np.array_equal(out, results["bf16"][name]), name
         assert rel_l2(torch.from_numpy(ref[name]), torch.from_numpy(out)) <= 2e-2, name
+
+
+def test_torch_backend_accepts_bf16_all():
+    from vggt_trt.pipelines.torch_engine import TorchEngineOptions
+
+    spec = TorchEngineOptions(output_dir=Path("unused"), model_name="tiny", precision="bf16-all").validate()
+    assert spec.input_shape == (8, 3, 518, 518)

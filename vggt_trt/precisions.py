@@ -7,3 +7,5 @@ PRECISIONS = ("fp32",) + ALL_PRECISIONS  # every engine precision
 
 # the PyTorch model's modes (model/precision.py): fp32, autocast, a bf16/fp16 trunk with fp32 heads, or all bf16
 TORCH_PRECISIONS = ("fp32", "tf32", "bf16-autocast", "fp16-autocast", "bf16", "fp16", "bf16-all")
+# what vggt_to_trt.py --backend torch compiles into a <stem>_<precision>.torchcache artifact
+TORCH_ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "bf16-all")

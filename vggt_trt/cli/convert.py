@@ -9,11 +9,13 @@ from pathlib import Path
 from ..errors import InputError
 from ..pipelines.convert import DEFAULT_NUM_CAMS, DEFAULT_SIZE, ConvertOptions, convert, or_default
 from ..pipelines.torch_engine import TorchEngineOptions, build_torch_engine
-from ..precisions import ALL_PRECISIONS, PRECISIONS
+from ..precisions import ALL_PRECISIONS, PRECISIONS, TORCH_ENGINE_PRECISIONS
 from ..quant.modes import QUANT_MODES
 from .common import (IMAGE_SIDE, NON_NEGATIVE_INT, OPSET, POSITIVE_FLOAT, POSITIVE_INT, ArgumentParser,
                      choice_list, reject_together, run_cli)
 
+
+TORCH_ONLY = tuple(p for p in TORCH_ENGINE_PRECISIONS if p not in PRECISIONS)  # --backend torch only
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="vggt_to_trt.py", description=__doc__)
@@ -44,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     geo.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="seed for --random-init")
     geo.add_argument("--opset", type=OPSET, default=18)
     prec = p.add_argument_group("precision")
-    prec.add_argument("--precision", type=choice_list(PRECISIONS), metavar="P[,P...]",
+    prec.add_argument("--precision", type=choice_list(PRECISIONS + TORCH_ONLY), metavar="P[,P...]",
                       help=f"precisions to build from one export, comma-separated ({', '.join(PRECISIONS)}; default "
-                           "fp16); published together when all of them succeed")
+                           f"fp16; {', '.join(TORCH_ONLY)} with --backend torch); published together when all of "
+                           "them succeed")
     prec.add_argument("--all-precisions", action="store_true", help="fp16, bf16, fp8, int8, int4 from one export")
     prec.add_argument("--quant-mode", default="none", choices=QUANT_MODES, help="quantisation applied before export")
     prec.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-simplify", action="store_true", help="skip ONNX simplification")
     build.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt-rtx", "torch"),
                        help="TensorRT flavour (auto: tensorrt when importable, else tensorrt-rtx), or torch: a "
-                            "compiled PyTorch engine <stem>_<precision>.torchcache (no ONNX; fp32/bf16/fp16)")
+                            "compiled PyTorch engine <stem>_<precision>.torchcache (no ONNX; fp32/bf16/fp16/bf16-all)")
     build.add_argument("--device", default="auto", help="--backend torch: device to compile for (auto, cuda, cpu)")
     build.add_argument("--compute-capability", dest="compute_capabilities", action="append", default=[],
                        help="TensorRT-RTX target, e.g. 8.9 or 12.0 (repeatable; default: portable)")
@@ -107,6 +110,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     reject_together(args, parser, *CONTRADICTIONS)
     if args.backend == "torch" and args.precision and len(args.precision) > 1:
         parser.error(f"--backend torch compiles one precision per run, not --precision {','.join(args.precision)}")
+    torch_only = [p for p in args.precision or () if p in TORCH_ONLY]
+    if torch_only and args.backend != "torch":
+        parser.error(f"--precision {torch_only[0]} is a PyTorch mode: it needs --backend torch")
     args.precision = args.precision or ("fp16",)
     return args
 

@@ -16,11 +16,11 @@ from ..errors import InputError
 from ..graph.export import ExportSpec
 from ..model.compiled import ARTIFACT_SUFFIX, COMPILE_MODES
 from ..model.vggt import FULL_OUTPUTS, PCD_OUTPUTS
+from ..precisions import TORCH_ENGINE_PRECISIONS
 from ..runtime.torch_runner import TorchRunner
 
 logger = logging.getLogger(__name__)
 
-TORCH_ENGINE_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
