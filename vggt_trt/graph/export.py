@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .io import EXTERNAL_DATA_THRESHOLD, move_into_place
+from .io import EXTERNAL_DATA_THRESHOLD, staged_save
 from ..views import VIEW_AXIS_NAME, ViewRange
 from .views import check_view_axis, write_view_range
 from ..model.vggt import FULL_OUTPUTS, PCD_OUTPUTS, check_image_shape
@@ -140,8 +138,7 @@ def export_onnx(
         views = torch.export.Dim(VIEW_AXIS_NAME, min=spec.min_cams, max=spec.max_cams)
         dynamic_shapes = {"images": {0: views}}
     t0 = time.perf_counter()
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
+    with staged_save(out_path) as tmp_dir:
         tmp_file = tmp_dir / out_path.name
         with torch.no_grad():
             program = torch.onnx.export(
@@ -153,9 +150,6 @@ def export_onnx(
         if spec.dynamic_views:
             check_view_axis(tmp_file, spec.input_name, "the export")
             write_view_range(tmp_file, spec.view_range)
-        move_into_place(tmp_dir, out_path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0
     logger.info("exported %s with the dynamo exporter in %.1f s (opset %d, external data: %s, views: %s)",
                 out_path.name, seconds, spec.opset, external,

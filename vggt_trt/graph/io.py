@@ -8,6 +8,7 @@ A graph is saved into a temporary folder beside the target under its final file 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import os
@@ -132,6 +133,19 @@ def referenced_data_files(folder: Path, exclude: frozenset[Path] = frozenset()) 
     return found
 
 
+@contextlib.contextmanager
+def staged_save(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to write a graph (``target.name``) and its data files into; they are
+    moved into place (data first, graph last) when the block ends without error, and the folder is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp_dir
+        move_into_place(tmp_dir, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def save_onnx(
     model: onnx.ModelProto,
     path: str | os.PathLike,
@@ -155,8 +169,7 @@ def save_onnx(
                          "data that was not loaded; load with load_external_data=True or use copy_onnx")
     nbytes = tensor_bytes(model)
     use_external = nbytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_save(target) as tmp_dir:
         tmp_file = tmp_dir / target.name
         try:
             if use_external:
@@ -167,9 +180,6 @@ def save_onnx(
         except ValueError as exc:  # protobuf refuses messages above 2 GiB
             raise GraphError(f"cannot serialise {target.name} ({nbytes / 2**30:.2f} GiB of tensors, "
                              f"external data: {use_external}): {exc}") from exc
-        move_into_place(tmp_dir, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     if use_external and restore:
         external_data_helper.load_external_data_for_model(model, str(target.parent))
     logger.info("saved %s (%.1f MB of tensors, external data: %s)", target, nbytes / 1e6, use_external)
@@ -250,14 +260,9 @@ def write_streamed(model: onnx.ModelProto, src_dir: str | os.PathLike, dst: str 
     its external tensors are streamed one at a time into ``<dst>.data``, the bytes of the tensor named ``k``
     through ``transforms[k]`` (e.g. an fp16 conversion). Memory: the graph structure plus one tensor."""
     dst_p = Path(dst)
-    dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", dir=dst_p.parent))
-    try:
+    with staged_save(dst_p) as tmp_dir:
         count = _write_streamed_data(model, Path(src_dir), tmp_dir / f"{dst_p.name}.data", transforms or {})
         onnx.save_model(model, str(tmp_dir / dst_p.name))
-        move_into_place(tmp_dir, dst_p)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info("wrote %s (%d external tensors streamed)", dst_p, count)
     return dst_p
 
@@ -270,13 +275,8 @@ def save_sharing(model: onnx.ModelProto, src_dir: str | os.PathLike, dst: str | 
     src_p, dst_p = Path(src_dir), Path(dst)
     if src_p.resolve() != dst_p.parent.resolve():
         return write_streamed(model, src_p, dst_p)
-    dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.", dir=dst_p.parent))
-    try:
+    with staged_save(dst_p) as tmp_dir:
         onnx.save_model(model, str(tmp_dir / dst_p.name))
-        move_into_place(tmp_dir, dst_p)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     shared = sorted({external_data_helper.ExternalDataInfo(t).location for t in all_tensors(model)
                      if external_data_helper.uses_external_data(t)})
     logger.info("saved %s (graph structure only; tensors stay in %s)", dst_p, ", ".join(shared) or "the graph")

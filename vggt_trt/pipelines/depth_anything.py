@@ -20,8 +20,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError, MissingDependencyError, WeightsError
 from ..graph.export import weight_bytes
-from ..graph.io import EXTERNAL_DATA_THRESHOLD, move_into_place
+from ..graph.io import EXTERNAL_DATA_THRESHOLD, staged_save
 from ..precisions import CAST_PRECISIONS
 from ..recon.geometry import is_torch
 from ..runtime.base import Runner, TensorMeta, torch_device
@@ -285,20 +283,14 @@ def export_depth_onnx(model: Any, out_path: str | os.PathLike, spec: DepthSpec) 
             return self.inner(pixel_values=pixel_values).predicted_depth
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     sample = torch.rand(spec.input_shape, generator=torch.Generator().manual_seed(0))
     external = weight_bytes(model) > EXTERNAL_DATA_THRESHOLD
     t0 = time.perf_counter()
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(_Wrapper(model.eval()).eval(), (sample,), dynamo=True, opset_version=spec.opset,
-                                        input_names=[spec.input_name], output_names=list(spec.output_names),
-                                        external_data=external, optimize=True, verbose=False)
-            program.save(str(tmp_dir / out.name), external_data=external)
-        move_into_place(tmp_dir, out)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    with staged_save(out) as tmp_dir, torch.no_grad():
+        program = torch.onnx.export(_Wrapper(model.eval()).eval(), (sample,), dynamo=True, opset_version=spec.opset,
+                                    input_names=[spec.input_name], output_names=list(spec.output_names),
+                                    external_data=external, optimize=True, verbose=False)
+        program.save(str(tmp_dir / out.name), external_data=external)
     seconds = time.perf_counter() - t0
     logger.info("exported %s in %.1f s", out.name, seconds)
     return {"path": str(out), "exporter": "dynamo", "seconds": round(seconds, 3), "spec": spec.to_dict()}
