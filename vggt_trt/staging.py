@@ -217,5 +217,5 @@ class StagedRun:
         staging folder under a hidden name first (a folder cannot replace a non-empty one) and is deleted with it."""
         target = self.out_dir / entry.name
         if (target.exists() or target.is_symlink()) and (entry.is_dir() or target.is_dir()):
-            os.replace(target, self.staging / f".replaced-{entry.name}")
+            os.replace(target, self.staging / f"{REPLACED_PREFIX}{entry.name}")
         os.replace(entry, target)

@@ -523,7 +523,7 @@ def convert_staged(opts: ConvertOptions, spec: ExportSpec) -> list[dict[str, Any
         raw = Path(opts.onnx_in)
         logger.info("stage export             skipped: using --onnx-in %s (%s)", raw, spec.stem)
         shared["export"] = {"skipped": f"--onnx-in {raw}"}
-    final, large = clean_graph(raw, spec.stem, opts, timings, shared, spec)
+    final, large = clean_graph(raw, spec, opts, timings, shared)
     reports = convert_precisions(opts, spec, final, timings, shared, large)
     if not opts.keep_intermediate:
         drop_intermediates(out, spec.stem, raw if opts.export else None, reports)
@@ -543,29 +543,26 @@ def drop_intermediates(out: Path, stem: str, exported: Path | None, reports: lis
     return removed
 
 
-def clean_graph(raw: Path, stem: str, opts: ConvertOptions, timings: dict[str, float],
-                shared: dict[str, Any], spec: Any = None) -> tuple[Path, bool]:
+def clean_graph(raw: Path, spec: Any, opts: ConvertOptions, timings: dict[str, float],
+                shared: dict[str, Any]) -> tuple[Path, bool]:
     """Sequence removal, simplify, the quant-mode check (when the export applied one) and the onnx checker.
 
     Fills ``shared`` with the stage reports; returns the graph the precision stages start from and
     whether it is large enough for the heavy stages to run in their own processes.
     """
     out = opts.output_dir
-    noseq, simp = out / f"{stem}.NOSEQ.onnx", out / f"{stem}.simp.onnx"
+    noseq, simp = out / f"{spec.stem}.NOSEQ.onnx", out / f"{spec.stem}.simp.onnx"
     shared["remove_sequences"] = timed(timings, "remove_sequences", stage_remove_sequences, raw, noseq, opts.opset)
-    views = spec if isinstance(spec, ExportSpec) and spec.dynamic_views else None
-    if views:
-        keep_view_axis(noseq, views, "sequence removal")
+    keep_view_axis(noseq, spec, "sequence removal")
     large = graph_bytes(noseq) > ISOLATE_BYTES
     shared["simplify"] = timed(timings, "simplify", stage_simplify, noseq, simp, opts.no_simplify, isolate=large)
     final = Path(shared["simplify"]["path"])
-    if views and final != noseq:
-        keep_view_axis(final, views, "simplification")
+    if final != noseq:
+        keep_view_axis(final, spec, "simplification")
     if shared["export"].get("quant_mode"):
         shared["quant_mode_check"] = timed(timings, "quant_mode_check", finalize_quant_mode_graph, final,
                                            shared["export"]["quant_mode"], isolate=large)
-        if views:
-            keep_view_axis(final, views, "the quant-mode check")
+        keep_view_axis(final, spec, "the quant-mode check")
     shared["check"] = timed(timings, "check", stage_check, final)
     return final, large
 
@@ -612,8 +609,7 @@ def _convert_precision(opts: ConvertOptions, spec: Any, final: Path, precision: 
             "TensorRT 10 legacy path: weakly typed network with precision flags"
         logger.info("stage precision_graph    skipped for %s: %s", precision, why)
         report["stages"]["precision_graph"] = {"skipped": why}
-    dynamic = isinstance(spec, ExportSpec) and spec.dynamic_views
-    if dynamic and graph != final:
+    if graph != final:
         keep_view_axis(graph, spec, f"the {precision} precision pass")
     report["onnx"] = {"path": str(graph), "sha256": onnx_sha256(graph), "io": io_summary(graph)}
     engine = out / f"{spec.stem}_{precision}.engine"
@@ -622,7 +618,7 @@ def _convert_precision(opts: ConvertOptions, spec: Any, final: Path, precision: 
         report["stages"]["build"] = {"skipped": "--skip-build"}
     else:
         report["stages"]["build"] = timed(timings, f"build_{precision}", stage_build, graph, engine, precision, opts,
-                                           spec.profile() if dynamic else None, isolate=large)
+                                           spec.profile() if spec.dynamic_views else None, isolate=large)
         report["engine"] = {"path": str(engine), "bytes": engine.stat().st_size}
     if precision == "int8":
         calibration_report = report["stages"]["build"].get("int8_calibration", {})

@@ -241,7 +241,7 @@ class DepthSpec:
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
-        return (self.batch, 3, self.height, self.width)
+        return self.shape_at(self.batch)
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -324,7 +324,7 @@ def convert_depth_anything(spec: DepthSpec, out_dir: str | os.PathLike = "onnx_e
         shared: dict[str, Any] = {"export": timed(timings, "export", export_depth_onnx, model, raw, spec)}
         shared["export"]["random_weights"] = bool(random_init or spec.model in PRESETS)
         del model
-        final, large = clean_graph(raw, spec.stem, opts, timings, shared)
+        final, large = clean_graph(raw, spec, opts, timings, shared)
         reports = convert_precisions(opts, spec, final, timings, shared, large, extra={"model": "depth-anything"})
         if not keep_intermediate:
             drop_intermediates(run.staging, spec.stem, raw, reports)

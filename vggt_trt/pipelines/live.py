@@ -37,8 +37,8 @@ from ..recon import geometry as geo, rig
 from ..recon.frames import FrameUploader, frames_to_model_input
 from ..recon.pointcloud import colors_from_images, read_ply, write_cameras_json, write_ply
 from ..recon.voxel_map import VoxelMap
-from .background import BackgroundJob, Prefetcher
 from ..staging import Publication, claim_folder
+from .background import BackgroundJob, Prefetcher
 from .options import OWNED_OUTPUTS, VggtModelOptions
 from .sources import LockstepSource, make_cameras, select_cameras
 

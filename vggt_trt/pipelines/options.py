@@ -11,7 +11,9 @@ from ..runtime.ort_runner import OrtRunner
 from ..runtime.torch_runner import TorchRunner
 from ..runtime.trt_runner import TrtRunner, cuda_index
 
-# what an images or live run writes into --out-dir and therefore owns there (vggt_trt/staging.py)
+# what an images or live run writes into --out-dir and therefore owns there (vggt_trt/staging.py); the live
+# outputs count for an images run too: they describe another reconstruction. per_camera_calib.json is an input
+# of the next live run and is not owned
 OWNED_OUTPUTS = frozenset({"points.ply", "cameras.json", "sparse", "depth.npz", "images", "summary.json",
                            "map.ply", "batches"})
 

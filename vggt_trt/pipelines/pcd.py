@@ -31,10 +31,6 @@ from .options import OWNED_OUTPUTS, VggtModelOptions
 logger = logging.getLogger(__name__)
 
 
-# what a --source images run writes into --out-dir, and the live outputs that describe another reconstruction:
-# a run owns these names (per_camera_calib.json is an input of the next live run and stays)
-
-
 @dataclass
 class PcdOptions(VggtModelOptions):
     """Everything one images-to-point-cloud run needs (the CLI flags, typed)."""
